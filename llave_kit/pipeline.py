@@ -1,0 +1,333 @@
+"""Run parameterised notebooks as a pipeline with papermill, then write a summary.
+
+A pipeline file (YAML) names notebook runs:
+
+    name: cpu_demo
+    defaults: {device: cpu}                 # parameters given to every run that declares them
+    runs:
+      - name: pretrain
+        notebook: notebooks/01_train.ipynb
+        parameters: {loss: info_nce, steps: 200}
+      - name: sweep
+        notebook: notebooks/05_alpha_sweep.ipynb
+        grid: {seed: [0, 1]}                # expands to sweep-seed0, sweep-seed1
+        depends_on: [pretrain]
+        parameters: {checkpoint: "{runs_dir}/pretrain/final"}
+
+For each run, papermill executes the notebook into `runs/<pipeline>/<run>.ipynb`. Notebooks that
+declare `output_dir` / `figures_dir` parameters receive `runs/<pipeline>/<run>/` and
+`figures/<pipeline>/<run>/`; `{runs_dir}` and `{figures_dir}` in string parameters expand to the
+pipeline's folders, so a run can read what an earlier one wrote. Notebooks report numbers with
+`record_metrics({...})`; the summary (`figures/<pipeline>/summary.md`) reads them back from the
+executed notebooks, next to each run's figures.
+
+Guarantees:
+- parameter names a notebook does not declare are rejected before anything runs;
+- a run whose notebook and parameters are unchanged since it last succeeded is skipped (`force`
+  redoes it);
+- a failed run keeps its executed copy with the error, stops the runs that depend on it, and the
+  summary says so;
+- figures are written to a staging folder and moved into place only when their run succeeds, and
+  the summary is replaced atomically at the end, so a killed pipeline leaves nothing half-written
+  presented as complete.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+import yaml
+
+METRICS_MIME = "application/vnd.llave-kit.metrics+json"
+RUN_KEYS = {"name", "notebook", "parameters", "grid", "depends_on"}
+PIPELINE_KEYS = {"name", "defaults", "runs"}
+AUTOMATIC_PARAMETERS = ("output_dir", "figures_dir")
+
+
+def record_metrics(metrics: dict) -> None:
+    """Call in a notebook's last cell: shows `metrics` and stores them for the pipeline summary."""
+    from IPython.display import display
+
+    payload = json.loads(json.dumps(metrics, default=float))  # fail early on non-JSON values
+    display({METRICS_MIME: payload, "text/plain": json.dumps(payload, indent=1)}, raw=True)
+
+
+def read_metrics(notebook_path: str | Path) -> dict:
+    """Metrics recorded by `record_metrics` in an executed notebook (later calls override)."""
+    metrics: dict = {}
+    notebook = nbformat.read(str(notebook_path), as_version=4)
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if METRICS_MIME in output.get("data", {}):
+                metrics.update(output["data"][METRICS_MIME])
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline description
+
+
+@dataclass
+class Run:
+    name: str
+    notebook: Path
+    parameters: dict
+    group: str  # the run's name in the pipeline file; grid runs share it
+    depends_on: list[str] = field(default_factory=list)  # groups that must succeed first
+
+
+@dataclass
+class Pipeline:
+    name: str
+    runs: list[Run]
+    root: Path  # folder that relative notebook paths and output folders are resolved against
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs" / self.name
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.root / "figures" / self.name
+
+    def group(self, name: str) -> list[Run]:
+        return [run for run in self.runs if run.group == name]
+
+
+class PipelineError(ValueError):
+    """The pipeline file or a run's parameters are invalid."""
+
+
+def _expand_grid(spec: dict, defaults: dict) -> list[Run]:
+    grid = spec.get("grid") or {}
+    base = {**defaults, **(spec.get("parameters") or {})}
+    runs = []
+    for combination in itertools.product(*grid.values()):
+        suffix = "".join(f"-{name}{value}" for name, value in zip(grid, combination))
+        runs.append(Run(
+            name=spec["name"] + suffix,
+            notebook=Path(spec["notebook"]),
+            parameters={**base, **dict(zip(grid, combination))},
+            group=spec["name"],
+            depends_on=list(spec.get("depends_on") or []),
+        ))
+    return runs
+
+
+def load_pipeline(path: str | Path, root: str | Path = ".") -> Pipeline:
+    """Read and check a pipeline file; grids are expanded into one run per combination."""
+    path = Path(path)
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict) or not isinstance(spec.get("runs"), list):
+        raise PipelineError(f"{path}: expected a mapping with a 'runs' list")
+    if unknown := set(spec) - PIPELINE_KEYS:
+        raise PipelineError(f"{path}: unknown keys {sorted(unknown)}; allowed {sorted(PIPELINE_KEYS)}")
+    runs: list[Run] = []
+    for index, run_spec in enumerate(spec["runs"]):
+        if not isinstance(run_spec, dict) or not {"name", "notebook"} <= set(run_spec):
+            raise PipelineError(f"{path}: run #{index} needs 'name' and 'notebook'")
+        if unknown := set(run_spec) - RUN_KEYS:
+            raise PipelineError(f"{path}: run {run_spec['name']!r} has unknown keys {sorted(unknown)}")
+        name = run_spec["name"]
+        if any(run.group == name for run in runs):
+            raise PipelineError(f"{path}: duplicate run name {name!r}")
+        for dependency in run_spec.get("depends_on") or []:
+            if not any(run.group == dependency for run in runs):
+                raise PipelineError(
+                    f"{path}: run {name!r} depends on {dependency!r}, which is not an earlier run"
+                )
+        runs.extend(_expand_grid(run_spec, spec.get("defaults") or {}))
+    return Pipeline(spec.get("name") or path.stem, runs, Path(root))
+
+
+def declared_parameters(notebook: Path) -> set[str]:
+    import papermill
+
+    return set(papermill.inspect_notebook(str(notebook)))
+
+
+def check_parameters(pipeline: Pipeline) -> None:
+    """Reject parameters a notebook does not declare (papermill would silently ignore them)."""
+    problems = []
+    for run in pipeline.runs:
+        notebook = pipeline.root / run.notebook
+        if not notebook.exists():
+            problems.append(f"run {run.name!r}: notebook {run.notebook} does not exist")
+            continue
+        declared = declared_parameters(notebook)
+        if unknown := set(run.parameters) - declared:
+            problems.append(
+                f"run {run.name!r}: {run.notebook} has no parameter(s) {sorted(unknown)}; "
+                f"it declares {sorted(declared)}"
+            )
+    if problems:
+        raise PipelineError("; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------
+# Execution
+
+
+@dataclass
+class Outcome:
+    run: Run
+    status: str  # "ran", "cached", "failed" or "blocked"
+    seconds: float = 0.0
+    error: str | None = None
+    fingerprint: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status in ("ran", "cached")
+
+
+def _resolve(value, pipeline: Pipeline):
+    if isinstance(value, str):
+        return value.replace("{runs_dir}", str(pipeline.runs_dir)).replace(
+            "{figures_dir}", str(pipeline.figures_dir))
+    if isinstance(value, list):
+        return [_resolve(item, pipeline) for item in value]
+    if isinstance(value, dict):
+        return {key: _resolve(item, pipeline) for key, item in value.items()}
+    return value
+
+
+def _fingerprint(pipeline: Pipeline, run: Run, parameters: dict, upstream: list[str]) -> str:
+    digest = hashlib.sha256((pipeline.root / run.notebook).read_bytes())
+    digest.update(json.dumps(parameters, sort_keys=True, default=str).encode())
+    digest.update("".join(upstream).encode())  # a changed input upstream invalidates this run
+    return digest.hexdigest()
+
+
+def _record_path(pipeline: Pipeline, run: Run) -> Path:
+    return pipeline.runs_dir / f"{run.name}.record.json"
+
+
+def _is_cached(pipeline: Pipeline, run: Run, fingerprint: str) -> bool:
+    record_path = _record_path(pipeline, run)
+    if not record_path.exists() or not (pipeline.runs_dir / f"{run.name}.ipynb").exists():
+        return False
+    record = json.loads(record_path.read_text())
+    return record.get("status") == "ok" and record.get("fingerprint") == fingerprint
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _execute(pipeline: Pipeline, run: Run, parameters: dict, fingerprint: str) -> Outcome:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    executed = pipeline.runs_dir / f"{run.name}.ipynb"
+    partial = pipeline.runs_dir / f".{run.name}.partial.ipynb"
+    staging = pipeline.figures_dir / ".staging" / run.name
+    final_figures = pipeline.figures_dir / run.name
+    shutil.rmtree(staging, ignore_errors=True)
+    declared = declared_parameters(pipeline.root / run.notebook)
+    automatic = {"output_dir": str(pipeline.runs_dir / run.name), "figures_dir": str(staging)}
+    parameters = {**{k: v for k, v in automatic.items() if k in declared}, **parameters}
+    started, error = time.perf_counter(), None
+    try:
+        papermill.execute_notebook(
+            str(pipeline.root / run.notebook), str(partial), parameters=parameters,
+            kernel_name="python3", cwd=str(pipeline.root), progress_bar=False,
+        )
+    except PapermillExecutionError as failure:
+        error = f"{failure.ename}: {failure.evalue}"
+    seconds = time.perf_counter() - started
+    if partial.exists():
+        os.replace(partial, executed)  # a failed run keeps its executed copy, error included
+    shutil.rmtree(final_figures, ignore_errors=True)
+    if error is None and staging.exists():
+        os.replace(staging, final_figures)
+    shutil.rmtree(staging, ignore_errors=True)
+    record = {"status": "ok" if error is None else "failed", "fingerprint": fingerprint,
+              "seconds": round(seconds, 2), "error": error, "parameters": parameters}
+    _write_atomically(_record_path(pipeline, run), json.dumps(record, indent=1, default=str))
+    return Outcome(run, "ran" if error is None else "failed", seconds, error, fingerprint)
+
+
+def run_pipeline(pipeline: Pipeline, force: bool = False, log=None) -> list[Outcome]:
+    """Execute every run in order (skipping unchanged successes unless `force`), then summarise."""
+    log = log or functools.partial(print)
+    check_parameters(pipeline)
+    pipeline.runs_dir.mkdir(parents=True, exist_ok=True)
+    summary = pipeline.figures_dir / "summary.md"
+    summary.unlink(missing_ok=True)  # until this invocation finishes, no summary claims to be current
+    outcomes: dict[str, Outcome] = {}
+    for run in pipeline.runs:
+        upstream = [outcomes[dep.name] for group in run.depends_on for dep in pipeline.group(group)]
+        parameters = _resolve(run.parameters, pipeline)
+        fingerprint = _fingerprint(pipeline, run, parameters, [o.fingerprint for o in upstream])
+        if any(not o.succeeded for o in upstream):
+            failed = sorted({o.run.name for o in upstream if not o.succeeded})
+            outcome = Outcome(run, "blocked", error=f"not run: {', '.join(failed)} did not succeed")
+        elif not force and not any(o.status == "ran" for o in upstream) and _is_cached(
+            pipeline, run, fingerprint
+        ):
+            outcome = Outcome(run, "cached", fingerprint=fingerprint)
+        else:
+            log(f"[{pipeline.name}] running {run.name} ({run.notebook})")
+            outcome = _execute(pipeline, run, parameters, fingerprint)
+        outcomes[run.name] = outcome
+        log(f"[{pipeline.name}] {run.name}: {outcome.status}"
+            + (f" in {outcome.seconds:.0f}s" if outcome.status == "ran" else "")
+            + (f" ({outcome.error})" if outcome.error else ""))
+    _write_atomically(summary, render_summary(pipeline, list(outcomes.values())))
+    log(f"[{pipeline.name}] summary: {summary}")
+    return list(outcomes.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary
+
+
+def _flatten(metrics: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _format(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def render_summary(pipeline: Pipeline, outcomes: list[Outcome]) -> str:
+    """Markdown: a status table, then each run's metrics (read from its notebook) and figures."""
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ran", "cached", "failed", "blocked")}
+    lines = [f"# Pipeline `{pipeline.name}`", "",
+             f"Finished {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+             + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".", "",
+             "| run | notebook | status | seconds |", "|---|---|---|---|"]
+    for o in outcomes:
+        lines.append(f"| {o.run.name} | {o.run.notebook} | {o.status} | {o.seconds:.0f} |")
+    for o in outcomes:
+        lines += ["", f"## {o.run.name}", "", f"Status: **{o.status}**"
+                  + (f" — {o.error}" if o.error else "")]
+        executed = pipeline.runs_dir / f"{o.run.name}.ipynb"
+        if executed.exists():
+            lines.append(f"Executed notebook: `{executed.relative_to(pipeline.root)}`")
+        if o.succeeded:
+            metrics = _flatten(read_metrics(executed))
+            if metrics:
+                lines += ["", "| metric | value |", "|---|---|"]
+                lines += [f"| {k} | {_format(v)} |" for k, v in metrics.items()]
+            figures = sorted((pipeline.figures_dir / o.run.name).glob("*.png"))
+            lines += [f"\n![{f.stem}]({f.relative_to(pipeline.figures_dir).as_posix()})" for f in figures]
+    return "\n".join(lines) + "\n"
