@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from llave_kit.distributed import all_gather_with_grad, local_row_offset, world_size
+from llave_kit.tiled import tiled_direction_sums
 
 RowLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -72,9 +73,11 @@ def _check_hyper_parameters(**values) -> None:
         "margin": (lambda v: v >= 0, ">= 0"),
         "tau_plus": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "false_negative_margin": (lambda v: True, "a number"),
+        "chunk_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                       "and an integer >= 1 (or None for the dense path)"),
     }
     for name, value in values.items():
-        if name == "false_negative_margin" and value is None:
+        if name in ("false_negative_margin", "chunk_size") and value is None:
             continue
         ok, expected = rules[name]
         if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
@@ -83,6 +86,20 @@ def _check_hyper_parameters(**values) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Shared machinery: similarities, negatives mask, cross-entropy, reduction
+
+
+def _gather_batch(
+    query: torch.Tensor, target: torch.Tensor, gather: bool
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Global queries, global targets and this rank's label offset (the local tensors and 0 alone)."""
+    if not gather:
+        return query, target, 0
+    batch = query.shape[0]
+    all_queries = all_gather_with_grad(query)  # (B_global, D)
+    all_targets = torch.cat(  # (B_global + extra_global, D): every positive, then every extra
+        [all_gather_with_grad(target[:batch]), all_gather_with_grad(target[batch:])]
+    )
+    return all_queries, all_targets, local_row_offset(batch, query.device)
 
 
 def _similarity_views(
@@ -95,14 +112,7 @@ def _similarity_views(
     """
     batch = query.shape[0]
     positives = target[:batch]
-    if gather:
-        all_queries = all_gather_with_grad(query)  # (B_global, D)
-        all_targets = torch.cat(  # (B_global + extra_global, D): every positive, then every extra
-            [all_gather_with_grad(positives), all_gather_with_grad(target[batch:])]
-        )
-        offset = local_row_offset(batch, query.device)
-    else:
-        all_queries, all_targets, offset = query, target, 0
+    all_queries, all_targets, offset = _gather_batch(query, target, gather)
     labels = torch.arange(offset, offset + batch, device=query.device)
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
     views = [((query @ all_targets.T).to(compute_dtype), labels)]  # (B, M_global)
@@ -170,6 +180,21 @@ def contrastive_loss(
         for sim, labels in views
     ]
     return _reduce(sums, global_batch, gather_across_devices)
+
+
+def _tiled_hardness_weighted_loss(
+    query, target, *, alpha, temperature, symmetric, false_negative_margin,
+    gather_across_devices, chunk_size,
+) -> torch.Tensor:
+    """The hardness-weighted loss (InfoNCE at alpha=0) without the (B, M) matrix; see `tiled.py`."""
+    _check_embeddings(query, target)
+    _check_hyper_parameters(false_negative_margin=false_negative_margin)
+    all_queries, all_targets, offset = _gather_batch(query, target, gather_across_devices)
+    sums = tiled_direction_sums(
+        query, target, all_queries, all_targets, offset, alpha=alpha, temperature=temperature,
+        symmetric=symmetric, false_negative_margin=false_negative_margin, chunk_size=chunk_size,
+    )
+    return _reduce(sums, all_queries.shape[0], gather_across_devices)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,9 +266,16 @@ def info_nce(
     *,
     false_negative_margin: float | None = None,
     gather_across_devices: bool = False,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Plain InfoNCE: mean over rows of -log softmax(s_i. / tau)[i]; see `InfoNCELoss`."""
-    _check_hyper_parameters(temperature=temperature)
+    _check_hyper_parameters(temperature=temperature, chunk_size=chunk_size)
+    if chunk_size is not None:
+        return _tiled_hardness_weighted_loss(
+            query, target, alpha=0.0, temperature=temperature, symmetric=symmetric,
+            false_negative_margin=false_negative_margin,
+            gather_across_devices=gather_across_devices, chunk_size=chunk_size,
+        )
 
     def rows(sim, labels, negatives):
         return info_nce_rows(sim, labels, negatives, temperature=temperature)
@@ -263,9 +295,16 @@ def hardness_weighted_info_nce(
     *,
     false_negative_margin: float | None = None,
     gather_across_devices: bool = False,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """LLaVE's hardness-weighted InfoNCE; see `HardnessWeightedInfoNCELoss` for the formula."""
-    _check_hyper_parameters(temperature=temperature, alpha=alpha)
+    _check_hyper_parameters(temperature=temperature, alpha=alpha, chunk_size=chunk_size)
+    if chunk_size is not None:
+        return _tiled_hardness_weighted_loss(
+            query, target, alpha=alpha, temperature=temperature, symmetric=symmetric,
+            false_negative_margin=false_negative_margin,
+            gather_across_devices=gather_across_devices, chunk_size=chunk_size,
+        )
 
     def rows(sim, labels, negatives):
         return hardness_weighted_rows(sim, labels, negatives, temperature=temperature, alpha=alpha)
@@ -376,6 +415,9 @@ class InfoNCELoss(_ContrastiveLoss):
         symmetric: average the query->target and target->query directions.
         false_negative_margin: drop negatives with s_ij > s_ii - margin (GISTEmbed-style filter).
         gather_across_devices: contrast against every rank's embeddings (autograd-aware gather).
+        chunk_size: None for the dense computation; an integer computes the same loss and gradients
+            in (chunk, chunk) blocks without the (B, M) matrix (`llave_kit.tiled`; 1024 is a good
+            value on CPU, `tiled.DEFAULT_CHUNK_SIZE`).
 
     Inputs: query (B, D), target (M >= B, D), both L2-normalised. Returns a scalar.
 
@@ -393,10 +435,10 @@ class InfoNCELoss(_ContrastiveLoss):
     loss_fn = staticmethod(info_nce)
 
     def __init__(self, temperature=0.02, symmetric=True, false_negative_margin=None,
-                 gather_across_devices=False):
+                 gather_across_devices=False, chunk_size=None):
         super().__init__(temperature=temperature, symmetric=symmetric,
                          false_negative_margin=false_negative_margin,
-                         gather_across_devices=gather_across_devices)
+                         gather_across_devices=gather_across_devices, chunk_size=chunk_size)
 
 
 class HardnessWeightedInfoNCELoss(_ContrastiveLoss):
@@ -413,7 +455,8 @@ class HardnessWeightedInfoNCELoss(_ContrastiveLoss):
 
     Args:
         alpha: hardness strength >= 0; LLaVE uses 9. alpha = 0 is plain InfoNCE.
-        temperature, symmetric, false_negative_margin, gather_across_devices: as `InfoNCELoss`.
+        temperature, symmetric, false_negative_margin, gather_across_devices, chunk_size: as
+            `InfoNCELoss` (chunk_size selects the exact tiled computation).
 
     Inputs: query (B, D), target (M >= B, D), both L2-normalised. Returns a scalar.
 
@@ -432,10 +475,10 @@ class HardnessWeightedInfoNCELoss(_ContrastiveLoss):
     loss_fn = staticmethod(hardness_weighted_info_nce)
 
     def __init__(self, alpha=9.0, temperature=0.02, symmetric=True, false_negative_margin=None,
-                 gather_across_devices=False):
+                 gather_across_devices=False, chunk_size=None):
         super().__init__(alpha=alpha, temperature=temperature, symmetric=symmetric,
                          false_negative_margin=false_negative_margin,
-                         gather_across_devices=gather_across_devices)
+                         gather_across_devices=gather_across_devices, chunk_size=chunk_size)
 
 
 class FocalInfoNCELoss(_ContrastiveLoss):
