@@ -1,0 +1,645 @@
+"""MMEB-format data: read/write records, PyTorch datasets and collates, manifests, the digits set.
+
+Formats (MMEB / VLM2Vec; one record per jsonl line or parquet row; image paths relative to an image
+root; an empty or null image path means "no image"; texts mark the image with `<|image_1|>`):
+
+    train  qry, qry_image_path, pos_text, pos_image_path [, neg_text, neg_image_path]
+    eval   qry_text, qry_img_path, tgt_text (list), tgt_img_path (list); candidate 0 is the positive
+
+A data set folder (written by `make_scenes_dataset` or `make_digits_dataset`, or by hand):
+
+    manifest.json                    tasks, meta-task of each, files, counts, seed, parameters
+    vocabulary.txt                   every word the texts use, one per line
+    labels.jsonl                     per-image labels (for clustering studies)
+    train/<task>.jsonl               training pairs
+    eval/<task>_<level>.jsonl        candidate lists, one file per hardness level
+    images/...                       PNG files; paths in the records are relative to the folder
+
+Bad input raises ValueError / FileNotFoundError naming file and line (parquet: row); with
+on_error="skip" bad records are dropped, counted in `.skipped` and reported in a warning.
+
+Example:
+    info = load_manifest("data/scenes")
+    for task in info.tasks:
+        ds = info.eval_dataset(task, "hard")    # EvalDataset
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+
+IMAGE_PLACEHOLDER = "<|image_1|>"
+
+# Column -> kind of value: "text"/"path" are str or null, "texts"/"paths" lists of them.
+TRAIN_COLUMNS = {"qry": "text", "qry_image_path": "path",
+                 "pos_text": "text", "pos_image_path": "path"}
+TRAIN_NEGATIVE_COLUMNS = {"neg_text": "text", "neg_image_path": "path"}
+EVAL_COLUMNS = {"qry_text": "text", "qry_img_path": "path",
+                "tgt_text": "texts", "tgt_img_path": "paths"}
+
+# Instructions shared by the built-in data sets (lower case, no punctuation, so that any word-level
+# pre-tokenizer splits them into the words of `scenes_vocabulary()`).
+INSTRUCTIONS = {
+    "classify": f"{IMAGE_PLACEHOLDER} represent the given image for classification",
+    "image_target": f"{IMAGE_PLACEHOLDER} represent the given image",
+    "crop_target": f"{IMAGE_PLACEHOLDER} represent the given cropped image of the object",
+    "caption_image": f"{IMAGE_PLACEHOLDER} find a caption describing the given image",
+    "find_image": "find an image that matches the given caption {caption}",
+}
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_CAPTION = "a handwritten digit {digit}"
+MANIFEST_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path` in one os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+@contextmanager
+def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it becomes `out_dir` in one rename.
+
+    A generator that fails half-way leaves nothing behind, and readers never see a half-written
+    data set. An existing non-empty `out_dir` is replaced only with overwrite=True.
+    """
+    out_dir = Path(out_dir)
+    _check_output_dir(out_dir, overwrite)
+    stage = out_dir.with_name(f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}")
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(stage, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"{out_dir}: exists and is not empty (other files, or a data set made "
+                         f"with other parameters); pass overwrite=True or choose another folder")
+
+
+# --------------------------------------------------------------------------------------------------
+# Records: parse, validate, read, write
+
+
+def _iter_raw(path: Path) -> Iterator[tuple[str, str | dict]]:
+    """Yield (where, raw) per record: raw is the jsonl line (str) or the parquet row (dict)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise ValueError(f"{path}: cannot read parquet ({e})") from None
+        yield from ((f"{path}: row {i}", row) for i, row in enumerate(rows, 1))
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    yield f"{path}:{number}", line
+    else:
+        raise ValueError(f"{path}: unsupported format {path.suffix!r} (use .jsonl or .parquet)")
+
+
+def _check_value(where: str, column: str, kind: str, value) -> None:
+    if kind in ("text", "path"):
+        if value is not None and not isinstance(value, str):
+            got = type(value).__name__
+            raise ValueError(f"{where}: column {column!r} must be a string, got {got}")
+        return
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: column {column!r} must be a non-empty list")
+    for item in value:
+        _check_value(where, column, kind[:-1], item)
+
+
+def parse_record(where: str, raw: str | dict, kind: str) -> dict:
+    """Parse one jsonl line (or take one parquet row) and check it is a valid `kind` record.
+
+    kind: "train" or "eval". Raises ValueError naming `where` (file:line) and the problem.
+    """
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    columns = {"train": TRAIN_COLUMNS, "eval": EVAL_COLUMNS}[kind]
+    for column, value_kind in columns.items():
+        if column not in raw:
+            raise ValueError(f"{where}: missing column {column!r}")
+        _check_value(where, column, value_kind, raw[column])
+    if kind == "train":
+        for column, value_kind in TRAIN_NEGATIVE_COLUMNS.items():
+            _check_value(where, column, value_kind, raw.get(column))
+    _check_sides(where, raw, kind)
+    return raw
+
+
+def _check_sides(where: str, record: dict, kind: str) -> None:
+    """Every query, positive and candidate needs a text or an image."""
+    if kind == "train":
+        sides = {"query": ("qry", "qry_image_path"), "positive": ("pos_text", "pos_image_path")}
+        for side, (text, image) in sides.items():
+            if not (record[text] or record[image]):
+                raise ValueError(f"{where}: the {side} has neither text nor image")
+        return
+    if not (record["qry_text"] or record["qry_img_path"]):
+        raise ValueError(f"{where}: the query has neither text nor image")
+    texts, images = record["tgt_text"], record["tgt_img_path"]
+    if len(texts) != len(images):
+        raise ValueError(f"{where}: tgt_text has {len(texts)} items but tgt_img_path {len(images)}")
+    for i, (text, image) in enumerate(zip(texts, images)):
+        if not (text or image):
+            raise ValueError(f"{where}: candidate {i} has neither text nor image")
+
+
+def _image_paths(record: dict, kind: str) -> list[str]:
+    if kind == "train":
+        paths = [record["qry_image_path"], record["pos_image_path"], record.get("neg_image_path")]
+    else:
+        paths = [record["qry_img_path"], *record["tgt_img_path"]]
+    return [p for p in paths if p]
+
+
+def _load_rows(path, kind: str, image_root=None, on_error: str = "raise"):
+    """[(where, record)] of the good records, and the error messages of the skipped ones.
+
+    With an image_root every referenced image is opened once, so a missing or unreadable image is
+    reported here, with its record's line, rather than in the middle of a training run.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    rows, errors, good_images = [], [], set()
+    for where, raw in _iter_raw(Path(path)):
+        try:
+            record = parse_record(where, raw, kind)
+            for rel in _image_paths(record, kind) if image_root is not None else []:
+                if rel not in good_images:
+                    load_image(Path(image_root) / rel, where)
+                    good_images.add(rel)
+        except (ValueError, FileNotFoundError) as e:
+            if on_error == "raise":
+                raise
+            errors.append(str(e))
+            continue
+        rows.append((where, record))
+    _report(path, rows, errors)
+    return rows, errors
+
+
+def _report(path, rows: list, errors: list[str]) -> None:
+    if errors:
+        warnings.warn(f"{path}: skipped {len(errors)} bad record(s); first: {errors[0]}",
+                      stacklevel=3)
+    if not rows:
+        all_bad = f" (all {len(errors)} bad)" if errors else ""
+        raise ValueError(f"{path}: no usable records{all_bad}")
+
+
+def read_records(path: str | os.PathLike, kind: str, on_error: str = "raise") -> list[dict]:
+    """Records of a jsonl or parquet file of `kind` "train" or "eval", as dicts, unchanged."""
+    rows, _ = _load_rows(path, kind, on_error=on_error)
+    return [record for _, record in rows]
+
+
+def write_records(path, records: Iterable[dict], kind: str | None = None) -> Path:
+    """Write records to .jsonl or .parquet atomically; with `kind`, validate each record first."""
+    path, records = Path(path), list(records)
+    if path.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"{path}: unsupported format {path.suffix!r} (use .jsonl or .parquet)")
+    for i, record in enumerate(records, 1):
+        if kind is not None:
+            parse_record(f"{path}: record {i}", record, kind)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(records), tmp)
+        else:
+            lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            tmp.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def load_image(path: str | os.PathLike, where: str = "") -> Image.Image:
+    """Open an image as RGB; FileNotFoundError/ValueError name `where` (file:line) and the path."""
+    prefix = f"{where}: " if where else ""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{prefix}image not found: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable/truncated files
+        raise ValueError(f"{prefix}unreadable image {path} ({e})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets and collates
+
+
+def default_image_root(path: Path) -> Path:
+    """The data set folder holding `path` (a manifest.json in its folder or the one above it),
+    else the file's own folder."""
+    for folder in (path.parent, path.parent.parent):
+        if (folder / "manifest.json").is_file():
+            return load_manifest(folder).image_root
+    return path.parent
+
+
+class _RecordDataset(Dataset):
+    """Shared loading: records validated up front, images opened lazily per item.
+
+    Args:
+        path: .jsonl or .parquet file. image_root: folder the image paths are relative to
+            (default: `default_image_root(path)`).
+        on_error: "raise" (default) or "skip" bad records (count in `.skipped`, messages in
+            `.skip_reasons`, one warning).
+        check_images: open every referenced image once up front, so a missing or unreadable one is
+            reported (or skipped) with its line before any training starts.
+    """
+
+    kind = ""
+
+    def __init__(self, path, image_root=None, on_error: str = "raise", check_images: bool = True):
+        self.path = Path(path)
+        if image_root is None:
+            image_root = default_image_root(self.path)
+        self.image_root = Path(image_root)
+        checked_root = self.image_root if check_images else None
+        self.rows, self.skip_reasons = _load_rows(self.path, self.kind, checked_root, on_error)
+        self.skipped = len(self.skip_reasons)
+
+    @property
+    def records(self) -> list[dict]:
+        return [record for _, record in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _image(self, rel: str | None, where: str) -> Image.Image | None:
+        return load_image(self.image_root / rel, where) if rel else None
+
+
+class TrainPairDataset(_RecordDataset):
+    """MMEB training pairs. Item: query_text, query_image, pos_text, pos_image, neg_text, neg_image.
+
+    Images are PIL RGB or None; texts are str ("" for null). neg_text is None when the record has
+    no negative (no neg_text, no neg_image_path); otherwise it is a str and neg_image may be None.
+    """
+
+    kind = "train"
+
+    def __getitem__(self, i: int) -> dict:
+        where, r = self.rows[i]
+        has_negative = bool(r.get("neg_text") or r.get("neg_image_path"))
+        return {
+            "query_text": r["qry"] or "",
+            "query_image": self._image(r["qry_image_path"], where),
+            "pos_text": r["pos_text"] or "",
+            "pos_image": self._image(r["pos_image_path"], where),
+            "neg_text": (r.get("neg_text") or "") if has_negative else None,
+            "neg_image": self._image(r.get("neg_image_path"), where) if has_negative else None,
+        }
+
+
+class EvalDataset(_RecordDataset):
+    """MMEB candidate lists. Item: query_text, query_image, candidate_texts, candidate_images.
+
+    Candidate 0 is the positive. Images are PIL RGB or None; texts are str ("" for null).
+    """
+
+    kind = "eval"
+
+    def __getitem__(self, i: int) -> dict:
+        where, r = self.rows[i]
+        return {
+            "query_text": r["qry_text"] or "",
+            "query_image": self._image(r["qry_img_path"], where),
+            "candidate_texts": [t or "" for t in r["tgt_text"]],
+            "candidate_images": [self._image(p, where) for p in r["tgt_img_path"]],
+        }
+
+
+def collate_train_pairs(items: list[dict]) -> dict:
+    """Batch TrainPairDataset items into lists.
+
+    Only items that carry a negative contribute to neg_texts / neg_images: extra negatives are
+    shared by every query of the batch (target rows B.. of the losses), so they need not line up.
+    """
+    negatives = [it for it in items if it["neg_text"] is not None]
+    return {
+        "query_texts": [it["query_text"] for it in items],
+        "query_images": [it["query_image"] for it in items],
+        "pos_texts": [it["pos_text"] for it in items],
+        "pos_images": [it["pos_image"] for it in items],
+        "neg_texts": [it["neg_text"] for it in negatives],
+        "neg_images": [it["neg_image"] for it in negatives],
+    }
+
+
+def collate_eval(items: list[dict]) -> dict:
+    """Batch EvalDataset items: query_texts, query_images, candidate_texts, candidate_images."""
+    return {
+        "query_texts": [it["query_text"] for it in items],
+        "query_images": [it["query_image"] for it in items],
+        "candidate_texts": [it["candidate_texts"] for it in items],
+        "candidate_images": [it["candidate_images"] for it in items],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Data set folders: manifest and description
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A data set folder described by its manifest.json (see the module docstring for the layout).
+
+    manifest keys: name, version, seed, parameters, image_root, vocabulary, labels, counts, and
+    tasks: {task: {meta_task, query_modality, target_modality, train, n_train, eval: {level: file},
+    hard_fraction: {level: f}, n_eval, num_candidates[, attributes: {level: file}]}}.
+    """
+
+    root: Path
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.manifest["tasks"])
+
+    @property
+    def image_root(self) -> Path:
+        return self.root / self.manifest["image_root"]
+
+    def task(self, task: str) -> dict:
+        if task not in self.manifest["tasks"]:
+            raise ValueError(f"unknown task {task!r}; {self.root} has {self.tasks}")
+        return self.manifest["tasks"][task]
+
+    def meta_task(self, task: str) -> str:
+        return self.task(task)["meta_task"]
+
+    def tasks_of(self, meta_task: str) -> list[str]:
+        return [t for t in self.tasks if self.meta_task(t) == meta_task]
+
+    def levels(self, task: str) -> list[str]:
+        return list(self.task(task)["eval"])
+
+    def train_path(self, task: str) -> Path:
+        return self.root / self.task(task)["train"]
+
+    def eval_path(self, task: str, level: str) -> Path:
+        files = self.task(task)["eval"]
+        if level not in files:
+            raise ValueError(f"task {task!r} has no level {level!r}; levels: {list(files)}")
+        return self.root / files[level]
+
+    def train_dataset(self, tasks: Iterable[str] | None = None, **kwargs) -> ConcatDataset:
+        """Training pairs of `tasks` (default all) as one dataset; kwargs go to TrainPairDataset."""
+        names = self.tasks if tasks is None else list(tasks)
+        parts = [TrainPairDataset(self.train_path(t), self.image_root, **kwargs) for t in names]
+        return ConcatDataset(parts)
+
+    def eval_dataset(self, task: str, level: str, **kwargs) -> EvalDataset:
+        return EvalDataset(self.eval_path(task, level), self.image_root, **kwargs)
+
+    def candidate_attributes(self, task: str, level: str) -> list[dict]:
+        """Per query {"truth": attrs, "candidates": [attrs, ...], "hard": [bool, ...]} (scenes)."""
+        files = self.task(task).get("attributes", {})
+        if level not in files:
+            raise ValueError(f"{self.root}: task {task!r} has no candidate attributes ({level!r})")
+        return _read_jsonl_objects(self.root / files[level])
+
+    def vocabulary(self) -> list[str]:
+        return (self.root / self.manifest["vocabulary"]).read_text(encoding="utf-8").split()
+
+    def labels(self) -> list[dict]:
+        """Per-image labels {"image_path", "split", ...} (scenes: task, role, count, shape, ...)."""
+        return _read_jsonl_objects(self.root / self.manifest["labels"])
+
+
+def _read_jsonl_objects(path: Path) -> list[dict]:
+    rows = []
+    for where, line in _iter_raw(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+    return rows
+
+
+MANIFEST_KEYS = ("name", "version", "seed", "parameters", "image_root", "vocabulary", "labels",
+                 "tasks")
+TASK_KEYS = ("meta_task", "train", "eval")
+
+
+def load_manifest(path: str | os.PathLike) -> DatasetInfo:
+    """Read a data set folder's manifest.json (path: the folder or the manifest file)."""
+    path = Path(path)
+    file = path / "manifest.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file (not a data set folder?)")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}:{e.lineno}: malformed JSON ({e.msg})") from None
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    missing += [f"tasks.{t}.{k}" for t, spec in manifest.get("tasks", {}).items()
+                for k in TASK_KEYS if k not in spec]
+    if missing:
+        raise ValueError(f"{file}: missing keys {missing}")
+    return DatasetInfo(file.parent, manifest)
+
+
+def write_manifest(root: Path, manifest: dict) -> Path:
+    return write_text(root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+
+def existing_dataset(out_dir, name: str, parameters: dict, overwrite: bool) -> DatasetInfo | None:
+    """The data set already in out_dir when it was made by `name` with the same parameters."""
+    if overwrite or not (Path(out_dir) / "manifest.json").is_file():
+        return None
+    info = load_manifest(out_dir)
+    same = (info.name, info.manifest["version"], info.manifest["parameters"]) == (
+        name, MANIFEST_VERSION, json.loads(json.dumps(parameters)))
+    return info if same else None
+
+
+def text_words(text: str) -> list[str]:
+    """The words of a built-in text: the image placeholder dropped, split on whitespace."""
+    return text.replace(IMAGE_PLACEHOLDER, " ").split()
+
+
+# --------------------------------------------------------------------------------------------------
+# A real image source: scikit-learn's handwritten digits
+
+
+def digit_caption(label: int) -> str:
+    return DIGIT_CAPTION.format(digit=DIGIT_WORDS[label])
+
+
+def _digit_image(pixels: np.ndarray, image_size: int) -> Image.Image:
+    """8x8 values in [0, 16] -> image_size x image_size RGB, white strokes on black, bilinear."""
+    gray = Image.fromarray(np.round(pixels * 255 / 16).astype(np.uint8), mode="L")
+    return gray.resize((image_size, image_size), Image.BILINEAR).convert("RGB")
+
+
+def _digit_pairs(labels: list[int], paths: list[str], ids: list[int]) -> dict[str, list[dict]]:
+    """Training pairs of both digit tasks for the images `ids`."""
+    cls, t2i = [], []
+    for i in ids:
+        caption = digit_caption(labels[i])
+        cls.append({"qry": INSTRUCTIONS["classify"], "qry_image_path": paths[i],
+                    "pos_text": caption, "pos_image_path": ""})
+        t2i.append({"qry": INSTRUCTIONS["find_image"].format(caption=caption),
+                    "qry_image_path": "", "pos_text": INSTRUCTIONS["image_target"],
+                    "pos_image_path": paths[i]})
+    return {"digits_cls": cls, "digits_t2i": t2i}
+
+
+def _digit_lists(labels, paths, ids, rng, num_candidates: int) -> dict[str, list[dict]]:
+    """Eval lists of both digit tasks: the truth first, then one candidate per other digit drawn."""
+    by_label = {d: [i for i in ids if labels[i] == d] for d in range(10)}
+    cls, t2i = [], []
+    for i in ids:
+        others = [d for d in range(10) if d != labels[i]]
+        negatives = [others[k] for k in rng.permutation(9)[: num_candidates - 1]]
+        caption = digit_caption(labels[i])
+        cls.append({"qry_text": INSTRUCTIONS["classify"], "qry_img_path": paths[i],
+                    "tgt_text": [caption] + [digit_caption(d) for d in negatives],
+                    "tgt_img_path": [""] * num_candidates})
+        images = [paths[by_label[d][rng.integers(len(by_label[d]))]] for d in negatives]
+        t2i.append({"qry_text": INSTRUCTIONS["find_image"].format(caption=caption),
+                    "qry_img_path": "", "tgt_text": [INSTRUCTIONS["image_target"]] * num_candidates,
+                    "tgt_img_path": [paths[i]] + images})
+    return {"digits_cls": cls, "digits_t2i": t2i}
+
+
+def make_digits_dataset(
+    out_dir: str | os.PathLike,
+    *,
+    train_fraction: float = 0.5,
+    num_candidates: int = 10,
+    image_size: int = 56,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> DatasetInfo:
+    """scikit-learn's 1,797 handwritten digits (8x8, upscaled) as an MMEB data set folder.
+
+    Tasks: digits_cls (classification: image -> "a handwritten digit seven" among `num_candidates`
+    distinct digit captions) and digits_t2i (retrieval: caption -> image among images of distinct
+    digits). A seeded split puts `train_fraction` of the images into training pairs, the rest into
+    eval lists (level "random"). labels.jsonl gives each image's digit for clustering studies.
+    Same parameters and an existing folder -> the folder is reused.
+    """
+    from sklearn.datasets import load_digits
+
+    if not 2 <= num_candidates <= 10:
+        raise ValueError(f"num_candidates must be in [2, 10] (ten digits), got {num_candidates}")
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    params = {"train_fraction": train_fraction, "num_candidates": num_candidates,
+              "image_size": image_size, "seed": seed}
+    if (info := existing_dataset(out_dir, "digits", params, overwrite)) is not None:
+        return info
+    digits, rng = load_digits(), np.random.default_rng(seed)
+    labels = [int(t) for t in digits.target]
+    paths = [f"images/digits/{i:04d}.png" for i in range(len(labels))]
+    is_train = np.zeros(len(labels), bool)
+    is_train[rng.permutation(len(labels))[: round(train_fraction * len(labels))]] = True
+    train_ids, eval_ids = np.flatnonzero(is_train).tolist(), np.flatnonzero(~is_train).tolist()
+    pairs = _digit_pairs(labels, paths, train_ids)
+    lists = _digit_lists(labels, paths, eval_ids, rng, num_candidates)
+    with staged_directory(out_dir, overwrite) as stage:
+        for i, rel in enumerate(paths):
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            _digit_image(digits.images[i], image_size).save(stage / rel, format="PNG")
+        for task in pairs:
+            write_records(stage / f"train/{task}.jsonl", pairs[task], kind="train")
+            write_records(stage / f"eval/{task}_random.jsonl", lists[task], kind="eval")
+        write_records(stage / "labels.jsonl", [
+            {"image_path": p, "split": "train" if is_train[i] else "eval", "label": labels[i],
+             "digit": DIGIT_WORDS[labels[i]]} for i, p in enumerate(paths)])
+        records = [r for group in (pairs, lists) for rows in group.values() for r in rows]
+        words = sorted({w for r in records for w in text_words(_texts(r))})
+        write_text(stage / "vocabulary.txt", "\n".join(words) + "\n")
+        write_manifest(stage, _digits_manifest(params, len(train_ids), len(eval_ids), len(paths)))
+    return load_manifest(out_dir)
+
+
+def _texts(record: dict) -> str:
+    """All texts of a train or eval record, joined by spaces."""
+    fields = [record.get(k) for k in ("qry", "pos_text", "neg_text", "qry_text")]
+    return " ".join([f for f in fields if f] + list(record.get("tgt_text", [])))
+
+
+def _digits_manifest(params: dict, n_train: int, n_eval: int, n_images: int) -> dict:
+    def task(name, meta_task, query, target):
+        return {"meta_task": meta_task, "query_modality": query, "target_modality": target,
+                "train": f"train/{name}.jsonl", "n_train": n_train,
+                "eval": {"random": f"eval/{name}_random.jsonl"}, "hard_fraction": {"random": 0.0},
+                "n_eval": n_eval, "num_candidates": params["num_candidates"]}
+
+    return {
+        "name": "digits", "version": MANIFEST_VERSION, "seed": params["seed"], "parameters": params,
+        "image_root": ".", "vocabulary": "vocabulary.txt", "labels": "labels.jsonl",
+        "tasks": {"digits_cls": task("digits_cls", "classification", "image", "text"),
+                  "digits_t2i": task("digits_t2i", "retrieval", "text", "image")},
+        "counts": {"train_pairs": 2 * n_train, "eval_queries": 2 * n_eval, "images": n_images},
+    }
+
+
+def __getattr__(name: str):
+    # Lazy re-export: llave_kit.scenes imports this module, so it cannot be imported at the top.
+    if name in ("make_scenes_dataset", "scenes_vocabulary"):
+        from llave_kit import scenes
+
+        return getattr(scenes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
