@@ -1,0 +1,473 @@
+"""Evaluate embedders: MMEB-style retrieval, clustering, and embedding data sets with a disk cache.
+
+Retrieval. Each query has one positive among its candidates: its own MMEB candidate list
+(cand_emb (Q, C, D), positive usually candidate 0) or a shared gallery (N, D). Scores are cosine
+similarities, computed `chunk_size` queries at a time (see `analysis.similarity_chunks`), so a
+large gallery never builds the full (Q, N) matrix. Tie rule, used everywhere here:
+
+    rank = #{candidates j : s_j >= s_positive}     (the positive counts itself once)
+
+i.e. a candidate that ties the positive is ranked above it (pessimistic). A collapsed embedder
+that scores everything equally therefore gets P@1 = 0, not 1. MMEB's official scorer takes
+`argmax(scores) == 0`, which resolves ties in the positive's favour; the two agree unless a
+candidate scores exactly like the positive (a duplicate of it, or collapsed embeddings).
+
+Clustering. k-means on L2-normalised embeddings, scored against labels by NMI, ARI and purity
+(computed from the contingency table, formulas in each docstring); 2-D projections for plots.
+
+Embedding. `embed_in_batches` runs any `encode_fn(texts, images) -> (n, D)` over a data set in
+batches with a tqdm bar and, given `cache_dir`, caches the result in an .npz keyed by the caller's
+model key and a fingerprint of the data, written atomically. `embed_eval_dataset` embeds an MMEB
+eval set (identical candidates are encoded once), `evaluate_eval_set` scores one eval file.
+
+Example:
+    >>> from llave_kit.evaluation import evaluate_eval_set
+    >>> evaluate_eval_set(model, "scenes/eval/cls_object_hard.jsonl", image_root="scenes",
+    ...                   cache_dir=".cache")
+    {'p@1': 0.93, 'recall@5': 1.0, 'mrr': 0.96, ..., 'positive': 0.95, 'hard': 0.79, ...}
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from llave_kit.analysis import (
+    as_float_array, l2_normalize, similarity_chunks, similarity_stats, to_numpy,
+)
+from llave_kit.data import EvalDataset, atomic_path
+
+EncodeFn = Callable[[list, list], "torch.Tensor | np.ndarray"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Retrieval
+
+
+def positive_ranks(query_emb, cand_emb, positive_index=None, chunk_size: int = 256) -> np.ndarray:
+    """Rank of each query's positive among its candidates, (Q,) ints >= 1 (tie rule: module doc).
+
+    cand_emb: candidate lists (Q, C, D) or a gallery (N, D); positive_index (Q,) ints, None =
+    candidate 0 (lists) or gallery row i (paired data).
+    """
+    ranks = []
+    for _, sims, positives in similarity_chunks(query_emb, cand_emb, positive_index, chunk_size):
+        positive = sims[np.arange(len(sims)), positives][:, None]  # (n, 1)
+        ranks.append((sims >= positive).sum(axis=1))
+    return np.concatenate(ranks).astype(np.int64)
+
+
+def ranking_metrics(ranks, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Metrics of one relevant item per query at rank r_i, averaged over queries.
+
+        p@1      = mean 1[r_i = 1]                  (MMEB's metric)
+        recall@k = mean 1[r_i <= k]
+        mrr      = mean 1 / r_i
+        ndcg@k   = mean 1[r_i <= k] / log2(1 + r_i)  (ideal DCG is 1 with one relevant item)
+    """
+    ranks = to_numpy(ranks)
+    if ranks.ndim != 1 or len(ranks) == 0 or ranks.min() < 1:
+        raise ValueError(f"ranks must be a non-empty 1-D array of ranks >= 1, got {ranks!r}")
+    metrics = {"p@1": float(np.mean(ranks == 1)), "mrr": float(np.mean(1.0 / ranks))}
+    for k in ks:
+        metrics[f"recall@{k}"] = float(np.mean(ranks <= k))
+        metrics[f"ndcg@{k}"] = float(np.mean(np.where(ranks <= k, 1 / np.log2(1 + ranks), 0.0)))
+    return metrics
+
+
+def candidate_list_metrics(
+    query_emb, cand_emb, positive_index=None, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 256
+) -> dict[str, float]:
+    """`ranking_metrics` over MMEB candidate lists: query_emb (Q, D), cand_emb (Q, C, D)."""
+    if np.ndim(cand_emb) != 3:
+        raise ValueError(f"cand_emb must be candidate lists (Q, C, D), got {np.shape(cand_emb)}")
+    return ranking_metrics(positive_ranks(query_emb, cand_emb, positive_index, chunk_size), ks)
+
+
+def gallery_metrics(
+    query_emb, gallery_emb, positive_index=None, ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 256,
+) -> dict[str, float]:
+    """`ranking_metrics` against one shared gallery: query_emb (Q, D), gallery_emb (N, D)."""
+    if np.ndim(gallery_emb) != 2:
+        raise ValueError(f"gallery_emb must have shape (N, D), got {np.shape(gallery_emb)}")
+    return ranking_metrics(positive_ranks(query_emb, gallery_emb, positive_index, chunk_size), ks)
+
+
+# --------------------------------------------------------------------------------------------------
+# Clustering
+
+
+def contingency_table(labels, clusters) -> np.ndarray:
+    """n_uv = #{i : labels_i = u and clusters_i = v}, shape (classes, clusters)."""
+    labels, clusters = to_numpy(labels), to_numpy(clusters)
+    if labels.ndim != 1 or labels.shape != clusters.shape or len(labels) == 0:
+        raise ValueError(f"labels and clusters must be equal-length non-empty 1-D arrays, got "
+                         f"{labels.shape} and {clusters.shape}")
+    _, label_ids = np.unique(labels, return_inverse=True)
+    _, cluster_ids = np.unique(clusters, return_inverse=True)
+    table = np.zeros((label_ids.max() + 1, cluster_ids.max() + 1), dtype=np.int64)
+    np.add.at(table, (label_ids, cluster_ids), 1)
+    return table
+
+
+def _entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def normalized_mutual_info(labels, clusters) -> float:
+    """NMI = I(U; V) / ((H(U) + H(V)) / 2), natural logs (scikit-learn's arithmetic default).
+
+    I(U; V) = sum_uv (n_uv / n) log(n n_uv / (a_u b_v)), a and b the row and column sums.
+    Both partitions trivial (one group each): 1.
+    """
+    table = contingency_table(labels, clusters)
+    n, a, b = table.sum(), table.sum(axis=1), table.sum(axis=0)
+    u, v = np.nonzero(table)
+    n_uv = table[u, v]
+    mutual_info = float(np.sum(n_uv / n * np.log(n * n_uv / (a[u] * b[v]))))
+    mean_entropy = (_entropy(a) + _entropy(b)) / 2
+    return 1.0 if mean_entropy == 0 else mutual_info / mean_entropy
+
+
+def adjusted_rand_index(labels, clusters) -> float:
+    """ARI (Hubert & Arabie 1985): pair agreement corrected for chance.
+
+        index = sum_uv C(n_uv, 2),  A = sum_u C(a_u, 2),  B = sum_v C(b_v, 2),  E = A B / C(n, 2)
+        ARI = (index - E) / ((A + B) / 2 - E)
+    The denominator is 0 only when both partitions are all-singletons or both one group: 1.
+    """
+    table = contingency_table(labels, clusters)
+
+    def pairs(counts):
+        return float(np.sum(counts * (counts - 1) / 2))
+
+    index, a, b = pairs(table), pairs(table.sum(axis=1)), pairs(table.sum(axis=0))
+    expected = a * b / pairs(np.array([table.sum()])) if table.sum() > 1 else 0.0
+    denominator = (a + b) / 2 - expected
+    return 1.0 if denominator == 0 else (index - expected) / denominator
+
+
+def purity(labels, clusters) -> float:
+    """Purity = (1/n) sum_v max_u n_uv: the share of items in their cluster's majority class."""
+    table = contingency_table(labels, clusters)
+    return float(table.max(axis=0).sum() / table.sum())
+
+
+@dataclass(frozen=True)
+class ClusteringResult:
+    clusters: np.ndarray  # (N,) k-means cluster of each embedding
+    nmi: float
+    ari: float
+    purity: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"nmi": self.nmi, "ari": self.ari, "purity": self.purity,
+                "n_clusters": len(np.unique(self.clusters))}
+
+
+def cluster_embeddings(
+    emb, labels, n_clusters: int | None = None, seed: int = 0
+) -> ClusteringResult:
+    """k-means (k-means++, 10 restarts) on L2-normalised embeddings, scored against `labels`.
+
+    Rows are normalised first so clusters follow cosine similarity, the geometry the embedder is
+    trained and used in. n_clusters defaults to the number of distinct labels.
+    """
+    from sklearn.cluster import KMeans
+
+    x = l2_normalize(as_float_array(emb, "emb"), "emb")
+    labels = to_numpy(labels)
+    if x.ndim != 2 or len(x) != len(labels):
+        raise ValueError(f"emb (N, D) and labels (N,) disagree: {x.shape} vs {labels.shape}")
+    n_clusters = n_clusters or len(np.unique(labels))
+    clusters = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(x)
+    return ClusteringResult(clusters, normalized_mutual_info(labels, clusters),
+                            adjusted_rand_index(labels, clusters), purity(labels, clusters))
+
+
+def project_2d(
+    emb, method: str = "tsne", seed: int = 0, perplexity: float | None = None
+) -> np.ndarray:
+    """(N, 2) coordinates of L2-normalised embeddings for a scatter plot.
+
+    method: "pca" (linear, exact), "tsne" (scikit-learn, cosine metric, PCA init; perplexity
+    defaults to min(30, (N - 1) / 3)) or "umap" (needs the optional `umap-learn` package).
+    Distances in t-SNE and UMAP plots show neighbourhoods, not global geometry.
+    """
+    x = l2_normalize(as_float_array(emb, "emb"), "emb")
+    if x.ndim != 2 or len(x) < 3:
+        raise ValueError(f"emb must have shape (N >= 3, D), got {x.shape}")
+    if method == "pca":
+        centred = x - x.mean(axis=0)
+        return centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        perplexity = perplexity or min(30.0, (len(x) - 1) / 3)
+        return TSNE(2, perplexity=perplexity, metric="cosine", init="pca",
+                    random_state=seed).fit_transform(x)
+    if method == "umap":
+        try:
+            import umap
+        except ImportError as error:
+            raise ImportError("method='umap' needs umap-learn: "
+                              "pip install 'llave-kit[umap]'") from error
+        return umap.UMAP(n_components=2, metric="cosine", random_state=seed).fit_transform(x)
+    raise ValueError(f"method must be 'pca', 'tsne' or 'umap', got {method!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def _image_digest(image) -> bytes:
+    if image is None:
+        return b"no image"
+    if not hasattr(image, "tobytes") or not hasattr(image, "mode"):
+        raise ValueError(f"images must be PIL images or None, got {type(image).__name__}")
+    return hashlib.sha256(f"{image.mode} {image.size}".encode() + image.tobytes()).digest()
+
+
+def data_fingerprint(texts: Sequence[str], images: Sequence | None = None) -> str:
+    """sha256 over every (text, image pixels) pair, in order: changes if any input changes."""
+    images = [None] * len(texts) if images is None else images
+    digest = hashlib.sha256()
+    for text, image in zip(texts, images, strict=True):
+        for part in (text.encode("utf-8"), _image_digest(image)):
+            digest.update(len(part).to_bytes(8, "little") + part)  # length prefix: no ambiguity
+    return digest.hexdigest()
+
+
+def _model_settings(model: torch.nn.Module) -> list[str]:
+    """What besides the weights decides the embeddings, as sorted strings.
+
+    Configs of the model and its submodules (HF `to_json_string`), a `processor` attribute's
+    settings and its tokenizer's vocabulary (as `LmmEmbedder` has), and the model's plain
+    attributes (e.g. instructions), except the train/eval flag; so a plain attribute that changes
+    on every call (a counter) makes every lookup miss -- keep such state in a container.
+    """
+    parts = {module.config.to_json_string() for module in model.modules()
+             if hasattr(getattr(module, "config", None), "to_json_string")}
+    processor = getattr(model, "processor", None)
+    if hasattr(processor, "to_json_string"):
+        parts.add(processor.to_json_string())
+    tokenizer = getattr(processor, "tokenizer", None)
+    if hasattr(tokenizer, "get_vocab"):
+        parts.add(json.dumps(sorted(tokenizer.get_vocab().items())))
+    plain = {key: value for key, value in vars(model).items()
+             if key != "training" and isinstance(value, (str, int, float, bool, type(None)))}
+    parts.add(json.dumps(sorted(plain.items())))
+    return sorted(parts)
+
+
+def model_fingerprint(model: torch.nn.Module, extra: str = "") -> str:
+    """sha256 over the model's class, `_model_settings`, every state_dict tensor, and `extra`.
+
+    Anything else that changes the embeddings (preprocessing kept elsewhere) belongs in `extra`.
+    Hashes every weight byte (about 1 s per GB).
+    """
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for part in [*_model_settings(model), extra]:
+        digest.update(len(part).to_bytes(8, "little") + part.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedding in batches, with a disk cache
+
+
+def _encode_all(encode_fn, texts, images, batch_size, progress, desc) -> np.ndarray:
+    chunks = []
+    with torch.no_grad(), tqdm(total=len(texts), desc=desc, disable=not progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            batch_texts = list(texts[start:start + batch_size])
+            out = to_numpy(encode_fn(batch_texts, list(images[start:start + batch_size])))
+            if out.ndim != 2 or len(out) != len(batch_texts):
+                raise ValueError(f"encode_fn returned shape {out.shape} for a batch of "
+                                 f"{len(batch_texts)}; expected ({len(batch_texts)}, D)")
+            if chunks and out.shape[1] != chunks[0].shape[1]:
+                raise ValueError(f"encode_fn changed dimension: {chunks[0].shape[1]} -> "
+                                 f"{out.shape[1]}")
+            chunks.append(out.astype(np.float32))
+            bar.update(len(batch_texts))
+    return np.concatenate(chunks)
+
+
+def _cache_path(cache_dir, cache_key: str, fingerprint: str) -> Path:
+    name = hashlib.sha256(f"{cache_key}\n{fingerprint}".encode()).hexdigest()[:32]
+    return Path(cache_dir) / f"embeddings-{name}.npz"
+
+
+def _load_cached(path: Path, cache_key: str, fingerprint: str, n: int) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as stored:
+        if (str(stored["cache_key"]), str(stored["data_fingerprint"])) != (cache_key, fingerprint):
+            raise ValueError(f"embedding cache {path} belongs to other inputs; delete it")
+        embeddings = stored["embeddings"]
+    if len(embeddings) != n:
+        raise ValueError(f"embedding cache {path} holds {len(embeddings)} rows, expected {n}")
+    return embeddings
+
+
+def embed_in_batches(
+    encode_fn: EncodeFn,
+    texts: Sequence[str],
+    images: Sequence | None = None,
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    cache_key: str | None = None,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> np.ndarray:
+    """Embeddings (n, D) float32 of every (texts[i], images[i]), `batch_size` at a time.
+
+    encode_fn(texts, images) -> (len(texts), D) tensor or array (e.g. `LmmEmbedder.encode`); it
+    runs under torch.no_grad(). images: PIL images or None per item (None: text-only data).
+    With `cache_dir`, the result is stored in cache_dir/embeddings-<hash>.npz keyed by `cache_key`
+    (identify the model, e.g. `model_fingerprint(model)`) and `data_fingerprint(texts, images)`;
+    a later call with the same key and data loads it without calling encode_fn.
+    """
+    images = [None] * len(texts) if images is None else images
+    if len(texts) == 0 or len(texts) != len(images):
+        raise ValueError(f"need as many images as texts (> 0), got {len(texts)} and {len(images)}")
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if cache_dir is None:
+        return _encode_all(encode_fn, texts, images, batch_size, progress, desc)
+    if not cache_key:
+        raise ValueError("cache_dir needs a cache_key identifying the model, "
+                         "e.g. model_fingerprint(model)")
+    fingerprint = data_fingerprint(texts, images)
+    path = _cache_path(cache_dir, cache_key, fingerprint)
+    if path.exists():
+        return _load_cached(path, cache_key, fingerprint, len(texts))
+    embeddings = _encode_all(encode_fn, texts, images, batch_size, progress, desc)
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        np.savez(file, embeddings=embeddings, cache_key=np.array(cache_key),
+                 data_fingerprint=np.array(fingerprint))
+    return embeddings
+
+
+# --------------------------------------------------------------------------------------------------
+# MMEB eval sets
+
+
+def _eval_items(eval_dataset) -> tuple[list, list, list[list], list[list]]:
+    """Query texts and images, and each query's candidate texts and images, checked."""
+    query_texts, query_images, cand_texts, cand_images = [], [], [], []
+    for i in range(len(eval_dataset)):
+        item = eval_dataset[i]
+        missing = {"query_text", "query_image", "candidate_texts", "candidate_images"} - set(item)
+        if missing:
+            raise ValueError(f"eval item {i} lacks {sorted(missing)}")
+        if len(item["candidate_texts"]) != len(item["candidate_images"]):
+            raise ValueError(f"eval item {i}: {len(item['candidate_texts'])} candidate texts but "
+                             f"{len(item['candidate_images'])} candidate images")
+        if cand_texts and len(item["candidate_texts"]) != len(cand_texts[0]):
+            raise ValueError(f"eval item {i} has {len(item['candidate_texts'])} candidates, item 0 "
+                             f"has {len(cand_texts[0])}; lists must have equal length")
+        query_texts.append(item["query_text"])
+        query_images.append(item["query_image"])
+        cand_texts.append(list(item["candidate_texts"]))
+        cand_images.append(list(item["candidate_images"]))
+    if not query_texts:
+        raise ValueError("the eval set is empty")
+    return query_texts, query_images, cand_texts, cand_images
+
+
+def _deduplicate(texts: list, images: list) -> tuple[list, list, np.ndarray]:
+    """Unique (text, image) pairs by content, first-seen order, and each input's index into them."""
+    slot_of: dict[tuple[str, bytes], int] = {}
+    first_positions, index = [], []
+    for position, (text, image) in enumerate(zip(texts, images)):
+        key = (text, _image_digest(image))
+        if key not in slot_of:
+            slot_of[key] = len(first_positions)
+            first_positions.append(position)
+        index.append(slot_of[key])
+    unique_texts = [texts[p] for p in first_positions]
+    return unique_texts, [images[p] for p in first_positions], np.array(index)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """Dropout and similar layers off while embedding; the previous mode restored afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def embed_eval_dataset(
+    embedder, eval_dataset, batch_size: int = 32, cache_dir=None, model_key: str | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Query embeddings (Q, D) and candidate embeddings (Q, C, D), float32, of an MMEB eval set.
+
+    eval_dataset: `data.EvalDataset` or any sequence of its items (query_text, query_image,
+    candidate_texts, candidate_images; candidate 0 is the positive). Candidate lists share many
+    items, so identical (text, image) candidates are encoded once and indexed back.
+    embedder: an `nn.Module` with `encode(texts, images)` (e.g. `LmmEmbedder`), run in eval mode.
+    Queries go through its `encode_queries` and candidates through `encode_targets` when it has
+    them (`LmmEmbedder` adds its instructions there, as training does), else through `encode`.
+    cache_dir/model_key: see `embed_in_batches`; model_key defaults to
+    `model_fingerprint(embedder)`.
+    """
+    query_texts, query_images, cand_texts, cand_images = _eval_items(eval_dataset)
+    n_queries, n_candidates = len(cand_texts), len(cand_texts[0])
+    flat_texts = [t for texts in cand_texts for t in texts]
+    flat_images = [im for images in cand_images for im in images]
+    unique_texts, unique_images, index = _deduplicate(flat_texts, flat_images)
+    if cache_dir is not None and model_key is None:
+        model_key = model_fingerprint(embedder)
+    options = dict(batch_size=batch_size, cache_dir=cache_dir, cache_key=model_key,
+                   progress=progress)
+    encode_queries = getattr(embedder, "encode_queries", embedder.encode)
+    encode_targets = getattr(embedder, "encode_targets", embedder.encode)
+    with _eval_mode(embedder):
+        queries = embed_in_batches(encode_queries, query_texts, query_images,
+                                   desc="queries", **options)
+        unique = embed_in_batches(encode_targets, unique_texts, unique_images,
+                                  desc="candidates", **options)
+    return queries, unique[index].reshape(n_queries, n_candidates, -1)
+
+
+def evaluate_eval_set(
+    embedder, eval_set, image_root=None, *, ks: Sequence[int] = (1, 5, 10), k: int = 5,
+    batch_size: int = 32, cache_dir=None, chunk_size: int = 256, progress: bool = True,
+) -> dict[str, float | int]:
+    """Retrieval metrics and Table-1 similarity means for one MMEB eval file or data set.
+
+    eval_set: path of an MMEB eval .jsonl/.parquet, read with `data.EvalDataset(eval_set,
+    image_root)` (image_root None: its default), or an `EvalDataset`-like sequence of items.
+    Returns `candidate_list_metrics` (p@1, recall@k, mrr, ndcg@k) plus
+    `similarity_stats(...).as_dict()` (positive, hard, easy, gap, k -- lowered to C - 1 for short
+    lists) and the numbers of queries and candidates.
+    """
+    if isinstance(eval_set, (str, os.PathLike)):
+        eval_set = EvalDataset(eval_set, image_root)
+    queries, candidates = embed_eval_dataset(embedder, eval_set, batch_size, cache_dir,
+                                             progress=progress)
+    result = candidate_list_metrics(queries, candidates, ks=ks, chunk_size=chunk_size)
+    n_candidates = candidates.shape[1]
+    if n_candidates > 1:
+        stats = similarity_stats(queries, candidates, k=min(k, n_candidates - 1),
+                                 chunk_size=chunk_size)
+        result.update(stats.as_dict())
+    result.update(queries=len(queries), candidates=n_candidates)
+    return result

@@ -1,0 +1,304 @@
+"""Figures for the LLaVE study, in one consistent style.
+
+- `plot_similarity_distributions`: positive vs hard vs easy negative similarities, one panel per
+  model or condition (InfoNCE vs weighted, before vs after), annotated with overlap and AUROC.
+- `plot_similarity_bars`: LLaVE's Table 1 as grouped bars (positive / hard / easy per model).
+- `plot_gradient_share`: each negative's share of the gradient against its similarity.
+- `plot_alpha_sweep`: metrics against alpha, mean +- std over seeds.
+- `plot_metric_bars`: grouped bars, e.g. P@1 per meta-task and model, or clustering scores.
+- `plot_projection`: 2-D projections (`evaluation.project_2d`) coloured by label.
+
+Every function takes plain data (mappings, DataFrames, arrays) and returns a matplotlib Figure
+built without pyplot: nothing needs a display (PNG and SVG are rendered by the Agg and SVG
+backends whatever backend is configured), pyplot keeps no reference to it, and a notebook shows
+the returned figure once. `save_figure(fig, "figures/name")` writes name.png and name.svg
+atomically; `set_style()` gives the user's own pyplot figures the same look.
+
+Example:
+    >>> fig = plot_similarity_distributions({"InfoNCE": stats_nce.distributions(),
+    ...                                      "LLaVE a=9": stats_llave.distributions()})
+    >>> save_figure(fig, "figures/similarity_distributions")
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from cycler import cycler
+from matplotlib.figure import Figure
+
+from llave_kit.analysis import as_float_array, overlap_metrics
+from llave_kit.data import atomic_path
+
+PALETTE = sns.color_palette("colorblind")
+ROLE_COLORS = {"positive": PALETTE[2], "hard": PALETTE[3], "easy": PALETTE[0],
+               "negative": PALETTE[7]}
+ROLE_LABELS = {"positive": "positive", "hard": "hard negatives (top-k)",
+               "easy": "easy negatives (bottom-k)", "negative": "all negatives"}
+FORMATS = ("png", "svg")
+SVG_SALT = "llave-kit"  # fixed SVG ids: redrawing the same figure gives the same file
+
+
+# --------------------------------------------------------------------------------------------------
+# Style and saving
+
+
+def style_rc() -> dict:
+    """The kit's matplotlib settings: seaborn whitegrid, colorblind palette, reproducible SVG."""
+    rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=0.9)}
+    rc.update({
+        "axes.prop_cycle": cycler(color=PALETTE),
+        "axes.titlesize": "medium",
+        "legend.frameon": False,
+        "figure.dpi": 100,
+        "svg.hashsalt": SVG_SALT,
+    })
+    return rc
+
+
+def set_style() -> None:
+    """Apply `style_rc()` globally, for the user's own plots (this module's functions use it)."""
+    matplotlib.rcParams.update(style_rc())
+
+
+def save_figure(
+    fig: Figure, path_without_suffix: str | os.PathLike, formats: Sequence[str] = FORMATS,
+    dpi: int = 150,
+) -> list[Path]:
+    """Write fig to <path>.png and <path>.svg (or other `formats`), each atomically.
+
+    Returns the written paths. Dates are left out of SVG/PDF metadata and SVG ids are salted
+    with a constant, so an unchanged figure gives unchanged files.
+    """
+    base = Path(path_without_suffix)
+    if base.suffix.lstrip(".").lower() in {"png", "svg", "pdf", "jpg", "jpeg"}:
+        raise ValueError(f"give the path without a suffix, got {base} (formats: {formats})")
+    written = []
+    for fmt in formats:
+        path = base.with_name(f"{base.name}.{fmt}")
+        metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(fmt)
+        with matplotlib.rc_context({"svg.hashsalt": SVG_SALT}), atomic_path(path) as temporary:
+            fig.savefig(temporary, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
+        written.append(path)
+    return written
+
+
+def _panel_grid(n_panels: int, ncols: int = 3, size=(4.2, 3.2), **subplot_kw):
+    """A constrained-layout Figure with `n_panels` axes in rows of `ncols` (spare cells removed)."""
+    if n_panels < 1:
+        raise ValueError("nothing to plot: no panels given")
+    ncols = min(ncols, n_panels)
+    nrows = math.ceil(n_panels / ncols)
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **subplot_kw).ravel()
+    for ax in axes[n_panels:]:
+        ax.remove()
+    return fig, list(axes[:n_panels])
+
+
+def _shared_legend(fig: Figure, axes) -> None:
+    """One legend under all panels, each label once (panels may show different subsets)."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), loc="outside lower center",
+               ncols=min(4, len(entries)), fontsize="small")
+
+
+def _as_frame(table, required: Sequence[str]) -> pd.DataFrame:
+    frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(list(table))
+    missing = [column for column in required if column not in frame.columns]
+    if missing:
+        raise ValueError(f"table lacks columns {missing}; it has {list(frame.columns)}")
+    return frame
+
+
+# --------------------------------------------------------------------------------------------------
+# Similarity distributions and Table 1
+
+
+def _overlap_note(values: Mapping[str, np.ndarray]) -> str:
+    """'overlap .. / AUROC .. / gap ..' of positives vs hard (else all) negatives, or ''."""
+    negative = "hard" if "hard" in values else "negative"
+    if "positive" not in values or negative not in values:
+        return ""
+    pos, neg = values["positive"], values[negative]
+    method = "kde" if np.ptp(pos) > 0 and np.ptp(neg) > 0 else "histogram"
+    m = overlap_metrics(pos, neg, method=method)
+    return f"overlap {m.overlap:.2f}\nAUROC {m.auroc:.3f}\ngap {m.margin:.3f}"
+
+
+def plot_similarity_distributions(
+    panels: Mapping[str, Mapping[str, object]], bins: int = 40, ncols: int = 3,
+    annotate: bool = True,
+) -> Figure:
+    """Histograms (density) with KDE curves of similarities by role, one panel per model.
+
+    panels: {panel title: {role: similarities}} with roles "positive", "hard", "easy" and/or
+    "negative" (e.g. `SimilarityStats.distributions()`). All panels share the x axis and bins, so
+    shifts between models read directly. With `annotate`, each panel states the overlap
+    coefficient, AUROC and mean gap of positives vs hard negatives (`analysis.overlap_metrics`).
+    """
+    values = {title: {role: as_float_array(v, f"{title}/{role}").ravel()
+                      for role, v in roles.items()} for title, roles in panels.items()}
+    everything = np.concatenate([v for roles in values.values() for v in roles.values()])
+    edges = np.histogram_bin_edges(everything, bins=bins)
+    with matplotlib.rc_context(style_rc()):
+        fig, axes = _panel_grid(len(values), ncols, sharex=True)
+        for ax, (title, roles) in zip(axes, values.items()):
+            for role, v in roles.items():
+                sns.histplot(x=v, bins=edges, stat="density", kde=np.ptp(v) > 0, element="step",
+                             alpha=0.3, color=ROLE_COLORS.get(role),
+                             label=ROLE_LABELS.get(role, role), ax=ax)
+            note = _overlap_note(roles) if annotate else ""
+            ax.text(0.02, 0.97, note, transform=ax.transAxes, va="top", fontsize="small")
+            ax.set(title=title, xlabel="cosine similarity", ylabel="density")
+        _shared_legend(fig, axes)
+    return fig
+
+
+def plot_similarity_bars(
+    table, group: str = "model", panel: str | None = None,
+    roles: Sequence[str] = ("positive", "hard", "easy"),
+) -> Figure:
+    """LLaVE's Table 1 as grouped bars: mean similarity of each role for each model.
+
+    table: DataFrame or records with columns `group`, the `roles` (e.g. rows of
+    `SimilarityStats.as_dict()` plus a "model" key) and optionally `panel` (e.g. "dataset", one
+    panel per value). Bars are labelled with their values; the widening positive-hard gap is
+    LLaVE's reading.
+    """
+    frame = _as_frame(table, [group, *roles] + ([panel] if panel else []))
+    groups = list(dict.fromkeys(frame[panel])) if panel else [None]
+    width = 0.8 / len(roles)
+    with matplotlib.rc_context(style_rc()):
+        fig, axes = _panel_grid(len(groups), sharey=True)
+        for ax, name in zip(axes, groups):
+            rows = frame if name is None else frame[frame[panel] == name]
+            x = np.arange(len(rows))
+            for i, role in enumerate(roles):
+                bars = ax.bar(x + (i - (len(roles) - 1) / 2) * width, rows[role], width,
+                              color=ROLE_COLORS.get(role), label=ROLE_LABELS.get(role, role))
+                ax.bar_label(bars, fmt="%.2f", fontsize="x-small", padding=1)
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_xticks(x, rows[group].astype(str))
+            ax.set(title=name or "", ylabel="mean cosine similarity")
+        _shared_legend(fig, axes)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient view and alpha sweep
+
+
+def plot_gradient_share(
+    curves: Mapping[str, tuple[object, object]], log_scale: bool = True
+) -> Figure:
+    """Each negative's share of its row's gradient against its similarity, one series per loss.
+
+    curves: {label: (similarities, shares)} of the negatives only, e.g. from
+    `analysis.gradient_share` at alpha = 0 (InfoNCE) and alpha = 9 (LLaVE). A single row draws a
+    curve; a batch of rows draws a cloud. Log y shows how steeply each loss favours hard negatives.
+    """
+    if not curves:
+        raise ValueError("nothing to plot: no curves given")
+    with matplotlib.rc_context(style_rc()):
+        fig, (ax,) = _panel_grid(1, size=(5.0, 3.6))
+        for label, (sims, shares) in curves.items():
+            sims = as_float_array(sims, f"{label} similarities").ravel()
+            shares = as_float_array(shares, f"{label} shares").ravel()
+            order = np.argsort(sims)
+            ax.plot(sims[order], shares[order], marker="o", markersize=3, linewidth=1, label=label)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set(xlabel="similarity of the negative $s_{ij}$", ylabel="share of negative gradient",
+               title="Where the push on negatives goes")
+        ax.legend(fontsize="small")
+    return fig
+
+
+def plot_alpha_sweep(
+    results, metrics: Sequence[str] = ("p@1",), x: str = "alpha", hue: str | None = None
+) -> Figure:
+    """Metrics against alpha (or any `x`), mean +- sample std over seeds, one panel per metric.
+
+    results: DataFrame or records with one row per run (setting x seed): columns `x`, each metric
+    and optionally `hue` (e.g. "temperature": one line per value). The number of seeds per point
+    is the number of rows sharing (hue, x); one seed gives no error bar.
+    """
+    frame = _as_frame(results, [x, *metrics] + ([hue] if hue else []))
+    series = frame.groupby(hue, sort=True) if hue else [(None, frame)]
+    with matplotlib.rc_context(style_rc()):
+        fig, axes = _panel_grid(len(metrics), size=(4.2, 3.2))
+        for name, rows in series:
+            summary = rows.groupby(x)[list(metrics)].agg(["mean", "std"]).fillna(0.0)
+            label = None if name is None else f"{hue} = {name}"
+            for ax, metric in zip(axes, metrics):
+                ax.errorbar(summary.index.to_numpy(), summary[(metric, "mean")].to_numpy(),
+                            yerr=summary[(metric, "std")].to_numpy(), marker="o", capsize=3,
+                            label=label)
+        for ax, metric in zip(axes, metrics):
+            ax.set(xlabel=x, ylabel=metric, title=f"{metric} vs {x}")
+        if hue:
+            axes[0].legend(fontsize="small")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# Retrieval and clustering summaries
+
+
+def plot_metric_bars(
+    table, x: str = "meta_task", y: str = "p@1", hue: str | None = "model"
+) -> Figure:
+    """Grouped bars of `y` per `x` (and `hue`), averaging rows that share (x, hue).
+
+    E.g. P@1 per MMEB meta-task per model (rows = tasks with a "meta_task" column), or clustering
+    scores in long form (x="metric", y="value", hue="model").
+    """
+    frame = _as_frame(table, [x, y] + ([hue] if hue else []))
+    with matplotlib.rc_context(style_rc()):
+        fig, (ax,) = _panel_grid(1, size=(max(4.5, 1.2 * frame[x].nunique()), 3.4))
+        sns.barplot(data=frame, x=x, y=y, hue=hue, errorbar=None, ax=ax)
+        for container in ax.containers:
+            ax.bar_label(container, fmt="%.2f", fontsize="x-small", padding=1)
+        if frame[y].between(0, 1).all():
+            ax.set_ylim(0, 1.08)
+        ax.set(xlabel=x, ylabel=y)
+        if hue:
+            ax.legend(fontsize="small", title=hue)
+    return fig
+
+
+def plot_projection(
+    panels: Mapping[str, tuple[object, object]],
+    scores: Mapping[str, Mapping[str, float]] | None = None, ncols: int = 3,
+) -> Figure:
+    """Scatter of 2-D projections coloured by label, one panel per model.
+
+    panels: {title: (points (N, 2), labels (N,))}, e.g. from `evaluation.project_2d`. scores:
+    optional {title: {"nmi": .., "ari": ..}} (e.g. `ClusteringResult.as_dict()`) shown in titles.
+    """
+    with matplotlib.rc_context(style_rc()):
+        fig, axes = _panel_grid(len(panels), ncols, size=(3.6, 3.4))
+        for ax, (title, (points, labels)) in zip(axes, panels.items()):
+            points = as_float_array(points, f"{title} points")
+            if points.ndim != 2 or points.shape[1] != 2 or len(points) != len(labels):
+                raise ValueError(f"{title}: points must be (N, 2) with N labels, got "
+                                 f"{points.shape} and {len(labels)} labels")
+            hue = np.asarray(labels).astype(str)
+            sns.scatterplot(x=points[:, 0], y=points[:, 1], hue=hue, hue_order=sorted(set(hue)),
+                            s=14, linewidth=0, ax=ax, legend=ax is axes[-1])
+            detail = " · ".join(f"{k} {v:.3g}" for k, v in (scores or {}).get(title, {}).items())
+            ax.set_title(f"{title}\n{detail}" if detail else title)
+            ax.set(xticks=[], yticks=[])
+        if axes[-1].get_legend():
+            sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1, 1), fontsize="small")
+    return fig
