@@ -302,3 +302,42 @@ def plot_projection(
         if axes[-1].get_legend():
             sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1, 1), fontsize="small")
     return fig
+
+
+def plot_failure_cases(failures: Sequence[Mapping[str, object]], title: str = "") -> Figure:
+    """One row per failed query: the query, the candidate the model chose, and the positive.
+
+    failures: dicts with query_text/query_image, chosen_text/chosen_image, positive_text/
+    positive_image (images may be None) and "margin" (chosen minus positive similarity), e.g.
+    from `studies.hardest_failures`.
+    """
+    columns = (("query", "query"), ("chosen", "model's choice"), ("positive", "positive"))
+    with matplotlib.rc_context(style_rc()):
+        fig = Figure(figsize=(8.4, 1.9 * max(len(failures), 1)), layout="constrained")
+        axes = fig.subplots(max(len(failures), 1), 3, squeeze=False)
+        for row, failure in zip(axes, failures):
+            for ax, (key, heading) in zip(row, columns):
+                image, text = failure.get(f"{key}_image"), failure.get(f"{key}_text") or ""
+                if image is not None:
+                    ax.imshow(image)
+                caption = text.replace("<|image_1|>", "").strip()
+                if key == "chosen":
+                    caption += f"\n(margin {failure['margin']:+.3f})"
+                ax.set_title(f"{heading}\n{caption}", fontsize="x-small", wrap=True)
+                ax.set(xticks=[], yticks=[])
+                ax.set_frame_on(image is not None)
+        if not failures:
+            axes[0, 0].set_title("no failures")
+        fig.suptitle(title)
+    return fig
+
+
+def plot_training_curves(history: Sequence[Mapping[str, float]], keys=("loss", "lr")) -> Figure:
+    """Per-step training records (e.g. `TrainResult.history`) against step, one panel per key."""
+    frame = _as_frame(history, ["step", *keys])
+    with matplotlib.rc_context(style_rc()):
+        fig, axes = _panel_grid(len(keys), size=(4.2, 3.0))
+        for ax, key in zip(axes, keys):
+            ax.plot(frame["step"], frame[key], linewidth=1)
+            ax.set(xlabel="step", ylabel=key, title=key)
+    return fig
