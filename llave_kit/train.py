@@ -114,7 +114,10 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # None: cuda:<LOCAL_RANK> when available, else cpu
     num_workers: int = 0
-    find_unused_parameters: bool = False  # DDP: needed only if some trainable weights go unused
+    # DDP: inputs without images leave an LMM's trainable projector unused, and under GradCache
+    # the synchronised backward is the last chunk's only; False saves a graph traversal per step
+    # when every trainable weight is used by every forward.
+    find_unused_parameters: bool = True
     # bookkeeping
     output_dir: str = "runs/train"
     log_every: int = 1
@@ -122,8 +125,9 @@ class TrainConfig:
     keep_last: int = 1
     eval_every: int | None = None  # None: eval_fn runs before training and at the end only
     resume: bool = False
-    # read by main() only: an embedder for `llave_kit.encoders.load_embedder`, a train jsonl and
-    # the folder its image paths are relative to (default: the jsonl's folder)
+    # read by main() only: an embedder for `llave_kit.encoders.load_embedder`; a train
+    # jsonl/parquet, or a data set folder (manifest.json: all its tasks' train files); for a file,
+    # the folder its image paths are relative to (default: its data set folder, else its folder)
     model: str | None = None
     data: str | None = None
     image_root: str | None = None
@@ -872,12 +876,15 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     if config.model is None or config.data is None:
         raise ValueError(f"{args.config}: set `model` (an embedder name or folder) and `data` "
                          "(a train jsonl) to train from the command line")
-    from llave_kit.data import TrainPairDataset
+    from llave_kit.data import TrainPairDataset, load_manifest
     from llave_kit.encoders import load_embedder
 
-    image_root = config.image_root or str(Path(config.data).parent)
+    if Path(config.data).is_dir():
+        dataset = load_manifest(config.data).train_dataset()  # images under the manifest's root
+    else:
+        dataset = TrainPairDataset(config.data, config.image_root)
     try:
-        return train(config, load_embedder(config.model), TrainPairDataset(config.data, image_root))
+        return train(config, load_embedder(config.model), dataset)
     finally:
         if is_distributed():
             dist.destroy_process_group()

@@ -44,15 +44,18 @@ class TinyEmbedder(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def encode(self, texts, images):
+        device = self.mix.weight.device
         ids = [[zlib.crc32(w.encode()) % self.buckets for w in t.split()] or [0] for t in texts]
         offsets = torch.tensor([0] + [len(i) for i in ids[:-1]]).cumsum(0)
-        text = self.words(torch.tensor(sum(ids, [])), offsets)  # (N, D)
-        pixels = torch.stack([
-            torch.zeros(3 * IMAGE_SIDE ** 2) if im is None
-            else torch.from_numpy(np.asarray(im, dtype=np.float32).reshape(-1) / 255.0)
-            for im in images
-        ]).to(text.dtype)
-        hidden = self.dropout(torch.tanh(text + self.pixels(pixels)))
+        text = self.words(torch.tensor(sum(ids, [])).to(device), offsets.to(device))  # (N, D)
+        # Like an LMM, text-only inputs never touch the image weights (DDP must cope with that).
+        rows = [i for i, im in enumerate(images) if im is not None]
+        if rows:
+            pixels = torch.stack([torch.from_numpy(np.asarray(images[i], dtype=np.float32))
+                                  for i in rows]).reshape(len(rows), -1) / 255.0  # (K, 3*side^2)
+            image = self.pixels(pixels.to(device, text.dtype)).to(text.dtype)  # autocast: bf16
+            text = text.index_add(0, torch.tensor(rows, device=device), image)
+        hidden = self.dropout(torch.tanh(text))
         return F.normalize(self.mix(hidden), dim=-1)
 
 
@@ -133,11 +136,21 @@ def test_gradcache_gradient_equals_full_batch_backward(chunk_size, loss_name, kw
         torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_gradcache_replays_dropout_masks():
+NEEDS_CUDA = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+CUDA = pytest.param("cuda", marks=NEEDS_CUDA)
+
+
+def rng_state(device):
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_gradcache_replays_dropout_masks(device):
     """The graph pass must draw the no-grad pass's dropout masks, or the cached gradients would
     belong to different embeddings. Reference: the same chunks embedded with a graph, from the
     same RNG state, then one backward."""
-    model = TinyEmbedder(dropout=0.5).double().train()
+    model = TinyEmbedder(dropout=0.5).double().to(device).train()
     batch = collate(make_items(9))
     loss_fn = make_loss("hardness_weighted", alpha=9.0, temperature=0.05)
     chunk = 4
@@ -150,7 +163,7 @@ def test_gradcache_replays_dropout_masks():
         parts.append(torch.cat([model.encode(texts[i:i + chunk], images[i:i + chunk])
                                 for i in range(0, len(texts), chunk)]))
     loss_fn(parts[0], parts[1]).backward()
-    expected, rng_after = parameter_grads(model), torch.get_rng_state()
+    expected, rng_after = parameter_grads(model), rng_state(device)
     model.zero_grad()
 
     torch.manual_seed(123)
@@ -158,7 +171,7 @@ def test_gradcache_replays_dropout_masks():
     for name, grad in parameter_grads(model).items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
     # The replay must not advance the RNG: training continues as after one chunked pass.
-    assert torch.equal(torch.get_rng_state(), rng_after)
+    assert torch.equal(rng_state(device), rng_after)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,7 +239,7 @@ def test_training_lowers_the_loss_and_writes_the_output_dir(tmp_path):
     out = tmp_path / "run"
     losses = [r["loss"] for r in result.history]
     assert [r["step"] for r in result.history] == [5, 10, 15, 20, 25, 30]
-    assert np.mean(losses[-2:]) < 0.7 * losses[0]
+    assert np.mean(losses[-2:]) < 0.8 * losses[0]
     assert read_jsonl(out / "metrics.jsonl") == result.history
     assert set(result.history[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "examples_per_s",
                                       "elapsed_s"}
@@ -341,11 +354,26 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert all(torch.isfinite(v).all() for v in saved.values())
 
 
-def test_bf16_autocast_on_cpu_trains(tmp_path):
-    result = train(config(tmp_path, precision="bf16", max_steps=20), TinyEmbedder(),
-                   make_items(64), collate_fn=collate)
+@pytest.mark.parametrize("device, precision", [
+    ("cpu", "bf16"),
+    pytest.param("cuda", "fp16", marks=NEEDS_CUDA),
+    pytest.param("cuda", "bf16", marks=NEEDS_CUDA),
+])
+def test_mixed_precision_trains(tmp_path, device, precision):
+    """bf16 autocast on CPU; on CUDA fp16 (with a GradScaler) and bf16, through GradCache."""
+    result = train(config(tmp_path, device=device, precision=precision, max_steps=12,
+                          gradcache_chunk_size=6), TinyEmbedder(dropout=0.1), make_items(64),
+                   collate_fn=collate)
     losses = [r["loss"] for r in result.history]
     assert all(math.isfinite(x) for x in losses) and np.mean(losses[-3:]) < losses[0]
+    tensors = load_file(str(result.checkpoint_path / "trainer_state.safetensors"))
+    assert ("rng.0.cuda" in tensors) == (device == "cuda")
+
+
+def test_fp16_needs_cuda(tmp_path):
+    with pytest.raises(ValueError, match="fp16"):
+        train(config(tmp_path, device="cpu", precision="fp16"), TinyEmbedder(), make_items(16),
+              collate_fn=collate)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,12 +388,12 @@ def ddp_runs_on_rank(rank, world_size, output_dir, batch_size):
         cfg = TrainConfig(output_dir=f"{output_dir}/{gradcache}", batch_size=batch_size,
                           max_steps=4, lr=1e-2, temperature=0.1, alpha=3.0, warmup_ratio=0.0,
                           gradcache_chunk_size=gradcache)
-        model = TinyEmbedder(seed=rank)  # DDP must broadcast rank 0's weights
-        run = train_module._build_run(cfg, model, items, None)
+        probe = TinyEmbedder(seed=rank)  # DDP must broadcast rank 0's weights
+        run = train_module._build_run(cfg, probe, items, None)
         batch = next(train_module.micro_batches(items, cfg, collate, run.runtime))
         contrastive_backward(run.net, run.loss_fn, batch, chunk_size=gradcache)
-        grads = parameter_grads(model)
-        model.zero_grad(set_to_none=True)
+        grads = parameter_grads(probe)
+        model = TinyEmbedder(seed=rank)  # a model of its own: two DDP wrappers must not share
         result = train(cfg, model, items, collate_fn=collate)
         outcomes[gradcache] = grads, [r["loss"] for r in result.history], model.state_dict()
     return outcomes
@@ -374,7 +402,8 @@ def ddp_runs_on_rank(rank, world_size, output_dir, batch_size):
 def test_two_process_ddp_equals_one_process_with_the_global_batch(tmp_path):
     """Rank r takes every 2nd item of the same permutation, so the 2 x 6 items of a DDP step are
     the 12 items of a single-process step: gathered loss + DDP averaging = global-batch gradient,
-    with and without GradCache. (Adam is blind to a gradient's scale: compare gradients.)"""
+    with and without GradCache. Targets are text-only, so GradCache's last (synchronised) chunk
+    leaves the image weights unused. (Adam is blind to a gradient's scale: compare gradients.)"""
     ranks = run_distributed(2, ddp_runs_on_rank, str(tmp_path / "ddp"), 6)
     single = ddp_runs_on_rank(0, 1, str(tmp_path / "single"), 12)
     for gradcache in (None, 3):
