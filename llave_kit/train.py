@@ -33,7 +33,10 @@ Output dir:
 
 Checkpoints are written to a temporary folder and renamed, so `checkpoints/` only ever holds
 complete ones; the newest `keep_last` are kept. `resume=True` continues from the newest: the data
-order depends only on (seed, epoch) and the step, so the resumed run replays the uninterrupted one.
+order depends only on (seed, epoch) and the step, so the resumed run replays the uninterrupted one
+(bit for bit on CPU). A fresh run refuses an output_dir holding a run unless `overwrite=True`.
+Under torchrun only rank 0 writes, and every rank reads the checkpoint on resume: output_dir must
+be storage all ranks see.
 
 References: LLaVE (Lan et al. 2025) for the recipe (cosine schedule, warm-up ratio 0.03, global
 batch 256); Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
@@ -124,7 +127,10 @@ class TrainConfig:
     save_every: int | None = None  # None: a checkpoint only at the end
     keep_last: int = 1
     eval_every: int | None = None  # None: eval_fn runs before training and at the end only
-    resume: bool = False
+    resume: bool = False  # continue from the newest checkpoint in output_dir (if any)
+    # a fresh run (resume=False) into an output_dir that holds a run: False raises, True first
+    # deletes that run's checkpoints, logs and final model (a pipeline re-running a changed run)
+    overwrite: bool = False
     # read by main() only: an embedder for `llave_kit.encoders.load_embedder`; a train
     # jsonl/parquet, or a data set folder (manifest.json: all its tasks' train files); for a file,
     # the folder its image paths are relative to (default: its data set folder, else its folder)
@@ -695,10 +701,16 @@ def _check_precision(config: TrainConfig, device: torch.device) -> None:
 
 def _prepare_output_dir(config: TrainConfig, runtime: Runtime, out: Path) -> None:
     has_run = (out / "metrics.jsonl").exists() or latest_checkpoint(out) is not None
-    if has_run and not config.resume:
-        raise ValueError(f"{out} already holds a run; pass resume=True to continue it "
-                         "or choose another output_dir")
+    if has_run and not config.resume and not config.overwrite:
+        raise ValueError(f"{out} already holds a run; pass resume=True to continue it, "
+                         "overwrite=True to replace it, or choose another output_dir")
+    _barrier()  # every rank has looked before the main process deletes anything
     if runtime.is_main:
+        if not config.resume:
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                (out / name).unlink(missing_ok=True)
+            for name in ("checkpoints", "final"):
+                shutil.rmtree(out / name, ignore_errors=True)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         for stale in (out / "checkpoints").glob(".tmp-*"):  # left by a crash during a save
             shutil.rmtree(stale)
@@ -819,8 +831,9 @@ def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable |
     run = _build_run(config, model, dataset, loss_fn)
     _prepare_output_dir(config, run.runtime, run.output_dir)
     start_step, elapsed, checkpoint = _restore(run)
-    metrics = JsonlLog(run.output_dir / "metrics.jsonl", run.runtime.is_main, start_step)
-    evals = JsonlLog(run.output_dir / "eval.jsonl", run.runtime.is_main, start_step)
+    kept = start_step if checkpoint is not None else -1  # records the checkpoint already covers
+    metrics = JsonlLog(run.output_dir / "metrics.jsonl", run.runtime.is_main, kept)
+    evals = JsonlLog(run.output_dir / "eval.jsonl", run.runtime.is_main, kept)
     batches = micro_batches(dataset, config, collate_fn, run.runtime,
                             start=start_step * config.grad_accum_steps)
     if eval_fn is not None and start_step == 0:

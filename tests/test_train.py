@@ -297,17 +297,26 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_of_a_finished_run_returns_its_history(tmp_path):
-    cfg = config(tmp_path, max_steps=3)
-    first = train(cfg, TinyEmbedder(), make_items(24), collate_fn=collate)
+def test_an_existing_run_is_resumed_replaced_or_refused(tmp_path):
+    items, cfg = make_items(24), config(tmp_path, max_steps=3, save_every=1, keep_last=3)
+    first = train(cfg, TinyEmbedder(), items, collate_fn=collate, eval_fn=lambda m: {"x": 1.0})
     again = train(TrainConfig.from_dict({**cfg.to_dict(), "resume": True}), TinyEmbedder(seed=3),
-                  make_items(24), collate_fn=collate)
-    assert again.history == first.history
+                  items, collate_fn=collate, eval_fn=lambda m: {"x": 2.0})
+    assert again.history == first.history and again.eval_history == first.eval_history
     with pytest.raises(ValueError, match="already holds a run"):
-        train(cfg, TinyEmbedder(), make_items(24), collate_fn=collate)
+        train(cfg, TinyEmbedder(), items, collate_fn=collate)
     with pytest.raises(ValueError, match="batch_size=8"):
         train(TrainConfig.from_dict({**cfg.to_dict(), "resume": True, "batch_size": 4}),
-              TinyEmbedder(), make_items(24), collate_fn=collate)
+              TinyEmbedder(), items, collate_fn=collate)
+
+    replaced = train(TrainConfig.from_dict({**cfg.to_dict(), "overwrite": True, "max_steps": 2}),
+                     TinyEmbedder(seed=4), items, collate_fn=collate, eval_fn=lambda m: {"x": 3.0})
+    out = tmp_path / "run"
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert read_jsonl(out / "eval.jsonl") == [{"step": 0, "x": 3.0}, {"step": 2, "x": 3.0}]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001",
+                                                                        "step_00000002"]
+    assert replaced.history[0]["loss"] != first.history[0]["loss"]  # other initial weights
 
 
 class NanAtCall(nn.Module):
