@@ -238,6 +238,9 @@ def _execute(pipeline: Pipeline, run: Run, parameters: dict, fingerprint: str) -
     declared = declared_parameters(pipeline.root / run.notebook)
     automatic = {"output_dir": str(pipeline.runs_dir / run.name), "figures_dir": str(staging)}
     parameters = {**{k: v for k, v in automatic.items() if k in declared}, **parameters}
+    if parameters.get("output_dir") == automatic["output_dir"]:
+        # The run's folder belongs to the pipeline: a re-run starts from an empty one.
+        shutil.rmtree(automatic["output_dir"], ignore_errors=True)
     started, error = time.perf_counter(), None
     try:
         papermill.execute_notebook(

@@ -11,7 +11,9 @@ PRODUCER = [
     ("value = 1\nfail = False\noutput_dir = 'unset'\nfigures_dir = 'unset'", ["parameters"]),
     ("import os, random\n"
      "if fail:\n    raise RuntimeError('asked to fail')\n"
-     "os.makedirs(output_dir, exist_ok=True)\n"
+     "if os.path.exists(output_dir):  # like train(): refuses to mix with an earlier run\n"
+     "    raise RuntimeError('output_dir holds an earlier run')\n"
+     "os.makedirs(output_dir)\n"
      "nonce = random.random()\n"
      "open(os.path.join(output_dir, 'value.txt'), 'w').write(f'{value} {nonce}')", []),
     ("import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
