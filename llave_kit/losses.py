@@ -91,7 +91,7 @@ def _check_hyper_parameters(**values) -> None:
 def _gather_batch(
     query: torch.Tensor, target: torch.Tensor, gather: bool
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Global queries, global targets and this rank's label offset (the local tensors and 0 alone)."""
+    """Global queries, global targets and this rank's label offset (local tensors and 0 alone)."""
     if not gather:
         return query, target, 0
     batch = query.shape[0]
@@ -416,8 +416,8 @@ class InfoNCELoss(_ContrastiveLoss):
         false_negative_margin: drop negatives with s_ij > s_ii - margin (GISTEmbed-style filter).
         gather_across_devices: contrast against every rank's embeddings (autograd-aware gather).
         chunk_size: None for the dense computation; an integer computes the same loss and gradients
-            in (chunk, chunk) blocks without the (B, M) matrix (`llave_kit.tiled`; 1024 is a good
-            value on CPU, `tiled.DEFAULT_CHUNK_SIZE`).
+            in (chunk, chunk) blocks without the (B, M) matrix (`llave_kit.tiled`; 512 suits a CPU,
+            `tiled.DEFAULT_CHUNK_SIZE`).
 
     Inputs: query (B, D), target (M >= B, D), both L2-normalised. Returns a scalar.
 

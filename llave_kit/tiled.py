@@ -1,13 +1,14 @@
 """Exact, memory-efficient (tiled) hardness-weighted InfoNCE.
 
 The dense losses in `losses.py` materialise the (B, M) similarity matrix and several same-sized
-intermediates (logits, masks, softmax), so memory grows as B^2: about 1.5 GiB at B = 8192 in float32.
+intermediates (logits, masks, softmax), so memory grows as B^2: about 1.8 GiB at B = 8192 in
+float32.
 Here the matrix is only ever seen one (chunk, chunk) block at a time, in a forward pass that keeps
 row and column log-sum-exps and a backward pass that recomputes each block, so the extra memory is
 O(chunk^2 + B * D) while the value and gradients equal the dense ones to float tolerance.
 
-Use it through the public API: `hardness_weighted_info_nce(q, t, chunk_size=1024)`,
-`info_nce(q, t, chunk_size=1024)`, or the modules' `chunk_size` argument; `losses.py` validates the
+Use it through the public API: `hardness_weighted_info_nce(q, t, chunk_size=512)`,
+`info_nce(q, t, chunk_size=512)`, or the modules' `chunk_size` argument; `losses.py` validates the
 inputs and performs the cross-device gather, then calls `tiled_direction_sums`.
 `benchmarks/bench_tiled_loss.py` compares memory and speed with the dense form.
 """
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 import torch
 
-# Blocks of 1024 x 1024 (4 MiB in float32) stay cache-friendly on CPU and keep the per-block Python
-# overhead small; see benchmarks/RESULTS.md for the measurements behind this choice.
-DEFAULT_CHUNK_SIZE = 1024
+# On a 2-core CPU (benchmarks/RESULTS.md), 512 x 512 blocks (1 MiB in float32) were as fast as 1024
+# or 2048 at B = 8192 and 16384 with a half to a third of the peak memory; 4096 was slower. A GPU
+# wants larger blocks (fewer kernel launches): sweep benchmarks/bench_tiled_loss.py --chunk-size.
+DEFAULT_CHUNK_SIZE = 512
 
 
 def _blocks(rows: int, columns: int, offset: int, chunk: int):
@@ -60,6 +62,16 @@ def _block_logits(sim, diagonal, row_positives, column_positives, temperature, a
     return drop_false_negatives(row_positives), column_logits
 
 
+def _logit_blocks(x, y, positive_sims, offset, with_columns, alpha, temperature, margin, chunk):
+    """Yield (row slice, column slice, square slice, row logits, column logits or None) by block."""
+    for r, c, square in _blocks(x.shape[0], y.shape[0], offset, chunk):
+        sim = x[r] @ y[c].T  # (r, c)
+        in_square = with_columns and square is not None
+        column_positives = positive_sims[None, square] if in_square else None
+        yield r, c, square, *_block_logits(sim, offset + r.start - c.start, positive_sims[r, None],
+                                           column_positives, temperature, alpha, margin)
+
+
 class _TiledHardnessWeightedNCE(torch.autograd.Function):
     """Row-direction and column-direction loss sums of the hardness-weighted InfoNCE, tiled.
 
@@ -93,45 +105,36 @@ class _TiledHardnessWeightedNCE(torch.autograd.Function):
         positive_sims = (x * y[offset : offset + num_rows]).sum(-1)  # (R,)
         row_lse = x.new_full((num_rows,), -torch.inf)  # (R,)
         col_lse = x.new_full((num_rows,), -torch.inf)  # (R,) one per square column
-        for r, c, square in _blocks(num_rows, y.shape[0], offset, chunk):
-            sim = x[r] @ y[c].T  # (r, c)
-            row_logits, col_logits = _block_logits(
-                sim, offset + r.start - c.start, positive_sims[r, None],
-                positive_sims[None, square] if with_columns and square is not None else None,
-                temperature, alpha, margin,
-            )
+        hyper = (offset, with_columns, alpha, temperature, margin, chunk)
+        for r, c, square, row_logits, col_logits in _logit_blocks(x, y, positive_sims, *hyper):
             row_lse[r] = torch.logaddexp(row_lse[r], row_logits.logsumexp(1))
             if col_logits is not None:
                 col_lse[square] = torch.logaddexp(col_lse[square], col_logits.logsumexp(0))
         ctx.save_for_backward(rows, columns, positive_sims, row_lse, col_lse)
-        ctx.hyper = (offset, with_columns, alpha, temperature, margin, chunk)
+        ctx.hyper = hyper
         positive_logits = positive_sims / temperature
         row_sum = (row_lse - positive_logits).sum()
         col_sum = (col_lse - positive_logits).sum() if with_columns else row_sum.new_zeros(())
         return row_sum, col_sum
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the LSEs are saved as constants
     def backward(ctx, grad_row_sum, grad_col_sum):
         rows, columns, positive_sims, row_lse, col_lse = ctx.saved_tensors
-        offset, with_columns, alpha, temperature, margin, chunk = ctx.hyper
+        offset, with_columns, _, temperature, _, _ = ctx.hyper
         x, y = rows.to(positive_sims.dtype), columns.to(positive_sims.dtype)  # (R, D), (K, D)
         num_rows = x.shape[0]
         grad_x, grad_y = torch.zeros_like(x), torch.zeros_like(y)
-        for r, c, square in _blocks(num_rows, y.shape[0], offset, chunk):
-            sim = x[r] @ y[c].T  # (r, c)
-            row_logits, col_logits = _block_logits(
-                sim, offset + r.start - c.start, positive_sims[r, None],
-                positive_sims[None, square] if with_columns and square is not None else None,
-                temperature, alpha, margin,
-            )
-            grad_sim = torch.exp(row_logits - row_lse[r, None]) * grad_row_sum  # (r, c)
+        row_scale, col_scale = grad_row_sum / temperature, grad_col_sum / temperature
+        for r, c, square, row_logits, col_logits in _logit_blocks(x, y, positive_sims, *ctx.hyper):
+            # In-place exp_/mul_ on fresh temporaries: fewer passes over the block.
+            grad_sim = (row_logits - row_lse[r, None]).exp_().mul_(row_scale)  # (r, c)
             if col_logits is not None:
-                grad_sim += torch.exp(col_logits - col_lse[None, square]) * grad_col_sum
-            grad_sim /= temperature
+                grad_sim += (col_logits - col_lse[None, square]).exp_().mul_(col_scale)
             grad_x[r].addmm_(grad_sim, y[c])
             grad_y[c].addmm_(grad_sim.T, x[r])
         # The positives' -1/tau, once per direction that uses them.
-        pull = (grad_row_sum + (grad_col_sum if with_columns else 0)) / temperature
+        pull = row_scale + col_scale if with_columns else row_scale
         positives = slice(offset, offset + num_rows)
         grad_x -= pull * y[positives]
         grad_y[positives] -= pull * x
