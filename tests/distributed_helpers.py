@@ -45,7 +45,7 @@ def _worker(rank: int, world_size: int, workdir: str, fn: Callable, args: tuple)
 
 
 def run_distributed(world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
-    """Run `fn(rank, world_size, *args)` in `world_size` gloo processes; return results in rank order.
+    """Run `fn(rank, world_size, *args)` in `world_size` gloo processes; results in rank order.
 
     An exception in any rank is raised here as `torch.multiprocessing.ProcessRaisedException`,
     whose message holds that rank's traceback; the other ranks are terminated.
