@@ -56,7 +56,9 @@ from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 IMAGE_PLACEHOLDER = "<|image_1|>"  # MMEB / VLM2Vec marker of the image position in a text
-MODEL_NAMES = ("tiny-qwen2-vl", "tiny-llava-onevision")
+MODEL_NAMES = ("tiny-qwen2-vl", "tiny-llava-onevision")  # tiny configs of the real LMM classes
+TINY_DUAL = "tiny-dual"  # llave_kit.dual_encoder: fast two-tower model for CPU studies
+CPU_MODELS = (*MODEL_NAMES, TINY_DUAL)
 TINY_IMAGE_SIZE = 56  # working resolution of the tiny defaults: (56 / 14)^2 = 16 patches
 EMBEDDER_CONFIG = "embedder_config.json"  # the embedder's own settings, next to the HF files
 
@@ -475,9 +477,7 @@ def default_model(name: str = "tiny-qwen2-vl", vocabulary: Iterable[str] | None 
     if hidden_size < 32 or hidden_size % 16:
         raise ValueError(f"hidden_size must be a multiple of 16, at least 32; got {hidden_size}")
     if vocabulary is None:
-        from llave_kit.data import scenes_vocabulary
-
-        vocabulary = scenes_vocabulary()
+        vocabulary = _scenes_vocabulary()
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching global RNG state
         torch.manual_seed(seed)
         model, processor = builders[name](list(vocabulary), hidden_size)
@@ -485,13 +485,26 @@ def default_model(name: str = "tiny-qwen2-vl", vocabulary: Iterable[str] | None 
     return LmmEmbedder(model, processor, freeze_vision=freeze_vision)
 
 
+def _scenes_vocabulary() -> list[str]:
+    from llave_kit.data import scenes_vocabulary
+
+    return scenes_vocabulary()
+
+
 def load_embedder(model: str, vocabulary: Iterable[str] | None = None, **kwargs) -> LmmEmbedder:
-    """A default name (see MODEL_NAMES) -> `default_model`; anything else -> `from_pretrained`.
+    """A default name (see MODEL_NAMES) -> `default_model`, "tiny-dual" -> `TinyDualEmbedder`;
+    a saved model folder or hub id -> the matching `from_pretrained`.
 
     `vocabulary` only matters for the defaults (a checkpoint brings its own tokenizer).
     """
+    from llave_kit.dual_encoder import TinyDualEmbedder
+
+    if model == TINY_DUAL:
+        return TinyDualEmbedder.build(vocabulary or _scenes_vocabulary(), **kwargs)
     if model in MODEL_NAMES:
         return default_model(model, vocabulary, **kwargs)
+    if TinyDualEmbedder.is_saved_in(model):
+        return TinyDualEmbedder.from_pretrained(model, **kwargs)
     if model.startswith("tiny-"):  # a mistyped default name must not become a hub download
-        raise ValueError(f"unknown default model {model!r}; choose one of {list(MODEL_NAMES)}")
+        raise ValueError(f"unknown default model {model!r}; choose one of {list(CPU_MODELS)}")
     return LmmEmbedder.from_pretrained(model, **kwargs)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from llave_kit.analysis import overlap_metrics, similarity_stats
 from llave_kit.data import DatasetInfo, load_image, load_manifest, make_digits_dataset
-from llave_kit.encoders import MODEL_NAMES, LmmEmbedder, load_embedder
+from llave_kit.encoders import CPU_MODELS, LmmEmbedder, load_embedder
 from llave_kit.evaluation import (
     candidate_list_metrics, embed_eval_dataset, embed_in_batches, model_fingerprint,
 )
@@ -49,7 +49,7 @@ def _required(data_dir, data: str) -> str | Path:
 
 def load_model(model: str, data: DatasetInfo | None = None, **kwargs) -> LmmEmbedder:
     """A default CPU model (tokenizer built from the data's vocabulary), a checkpoint or a hub id."""
-    vocabulary = data.vocabulary() if data is not None and model in MODEL_NAMES else None
+    vocabulary = data.vocabulary() if data is not None and model in CPU_MODELS else None
     return load_embedder(model, vocabulary=vocabulary, **kwargs)
 
 
