@@ -89,6 +89,7 @@ class Pipeline:
     name: str
     runs: list[Run]
     root: Path  # folder that relative notebook paths and output folders are resolved against
+    defaults: dict = field(default_factory=dict)  # for every run whose notebook declares them
 
     @property
     def runs_dir(self) -> Path:
@@ -106,9 +107,9 @@ class PipelineError(ValueError):
     """The pipeline file or a run's parameters are invalid."""
 
 
-def _expand_grid(spec: dict, defaults: dict) -> list[Run]:
+def _expand_grid(spec: dict) -> list[Run]:
     grid = spec.get("grid") or {}
-    base = {**defaults, **(spec.get("parameters") or {})}
+    base = spec.get("parameters") or {}
     runs = []
     for combination in itertools.product(*grid.values()):
         suffix = "".join(f"-{name}{value}" for name, value in zip(grid, combination))
@@ -144,8 +145,8 @@ def load_pipeline(path: str | Path, root: str | Path = ".") -> Pipeline:
                 raise PipelineError(
                     f"{path}: run {name!r} depends on {dependency!r}, which is not an earlier run"
                 )
-        runs.extend(_expand_grid(run_spec, spec.get("defaults") or {}))
-    return Pipeline(spec.get("name") or path.stem, runs, Path(root))
+        runs.extend(_expand_grid(run_spec))
+    return Pipeline(spec.get("name") or path.stem, runs, Path(root), spec.get("defaults") or {})
 
 
 def declared_parameters(notebook: Path) -> set[str]:
@@ -168,6 +169,11 @@ def check_parameters(pipeline: Pipeline) -> None:
                 f"run {run.name!r}: {run.notebook} has no parameter(s) {sorted(unknown)}; "
                 f"it declares {sorted(declared)}"
             )
+    declared_anywhere = set().union(*(declared_parameters(pipeline.root / run.notebook)
+                                      for run in pipeline.runs
+                                      if (pipeline.root / run.notebook).exists()))
+    if unused := set(pipeline.defaults) - declared_anywhere:
+        problems.append(f"defaults {sorted(unused)} are declared by no notebook of the pipeline")
     if problems:
         raise PipelineError("; ".join(problems))
 
@@ -226,7 +232,8 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def _execute(pipeline: Pipeline, run: Run, parameters: dict, fingerprint: str) -> Outcome:
+def _execute(pipeline: Pipeline, run: Run, parameters: dict, declared: set[str],
+             fingerprint: str) -> Outcome:
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -235,7 +242,6 @@ def _execute(pipeline: Pipeline, run: Run, parameters: dict, fingerprint: str) -
     staging = pipeline.figures_dir / ".staging" / run.name
     final_figures = pipeline.figures_dir / run.name
     shutil.rmtree(staging, ignore_errors=True)
-    declared = declared_parameters(pipeline.root / run.notebook)
     automatic = {"output_dir": str(pipeline.runs_dir / run.name), "figures_dir": str(staging)}
     parameters = {**{k: v for k, v in automatic.items() if k in declared}, **parameters}
     if parameters.get("output_dir") == automatic["output_dir"]:
@@ -272,7 +278,9 @@ def run_pipeline(pipeline: Pipeline, force: bool = False, log=None) -> list[Outc
     outcomes: dict[str, Outcome] = {}
     for run in pipeline.runs:
         upstream = [outcomes[dep.name] for group in run.depends_on for dep in pipeline.group(group)]
-        parameters = _resolve(run.parameters, pipeline)
+        declared = declared_parameters(pipeline.root / run.notebook)
+        defaults = {k: v for k, v in pipeline.defaults.items() if k in declared}
+        parameters = _resolve({**defaults, **run.parameters}, pipeline)
         fingerprint = _fingerprint(pipeline, run, parameters, [o.fingerprint for o in upstream])
         if any(not o.succeeded for o in upstream):
             failed = sorted({o.run.name for o in upstream if not o.succeeded})
@@ -283,7 +291,7 @@ def run_pipeline(pipeline: Pipeline, force: bool = False, log=None) -> list[Outc
             outcome = Outcome(run, "cached", fingerprint=fingerprint)
         else:
             log(f"[{pipeline.name}] running {run.name} ({run.notebook})")
-            outcome = _execute(pipeline, run, parameters, fingerprint)
+            outcome = _execute(pipeline, run, parameters, declared, fingerprint)
         outcomes[run.name] = outcome
         log(f"[{pipeline.name}] {run.name}: {outcome.status}"
             + (f" in {outcome.seconds:.0f}s" if outcome.status == "ran" else "")

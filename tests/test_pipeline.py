@@ -133,3 +133,18 @@ def test_malformed_pipeline_files_are_rejected(tmp_path, spec, message):
     path.write_text(json.dumps(spec))
     with pytest.raises(PipelineError, match=message):
         load_pipeline(path, root=tmp_path)
+
+
+def test_defaults_reach_only_the_notebooks_that_declare_them(project):
+    spec = {"name": "demo", "defaults": {"value": 7},
+            "runs": [{"name": "make", "notebook": "notebooks/producer.ipynb"},
+                     {"name": "use", "notebook": "notebooks/consumer.ipynb", "depends_on": ["make"],
+                      "parameters": {"source": "{runs_dir}/make/value.txt"}}]}
+    path = project / "defaults.yaml"
+    path.write_text(json.dumps(spec))
+    outcomes = run_pipeline(load_pipeline(path, root=project), log=lambda message: None)
+    assert statuses(outcomes) == {"make": "ran", "use": "ran"}
+    assert read_metrics(project / "runs" / "demo" / "use.ipynb") == {"read": "7"}
+    path.write_text(json.dumps({**spec, "defaults": {"valeu": 7}}))
+    with pytest.raises(PipelineError, match=r"defaults \['valeu'\] are declared by no notebook"):
+        run_pipeline(load_pipeline(path, root=project), log=lambda message: None)
