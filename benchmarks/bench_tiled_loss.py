@@ -8,7 +8,8 @@ One step is `hardness_weighted_info_nce(q, t, alpha=9, temperature=0.02, chunk_s
 by `backward()`, with q, t (B, D) unit-norm float32 leaves (symmetric loss, B x B similarities);
 "dense" is chunk_size=None, "tiled" is chunk_size=--chunk-size. Ratios are tiled / dense from the
 same run. Time is the best of --repeats steps (other load on a shared machine only ever adds time),
-after one untimed step.
+after one untimed step; the CPU column is the process's CPU time over all threads, which load on a
+shared machine disturbs less than wall time (--threads 1 disturbs it least).
 
 How peak extra memory is measured
 - CPU: every (path, B) case runs in a fresh subprocess, so no case inherits another's heap. The
@@ -17,8 +18,10 @@ How peak extra memory is measured
   RSS. After one forward + backward, peak extra = VmHWM - that RSS. RSS counts every page the
   process touched, whoever allocated it; torch's CPU allocator keeps no cache that could hide
   memory, and tracemalloc cannot see torch's allocations, hence this method. The figure includes
-  the gradients of q and t (2 x B x D x 4 bytes for both paths). Where clear_refs is unavailable the
-  process's lifetime peak (ru_maxrss) is used instead, an upper bound.
+  the gradients of q and t (2 x B x D x 4 bytes for both paths), and what glibc malloc keeps in its
+  heap after a free (real memory held by the process; it makes the tiled figure vary by about 2x
+  between runs). Where clear_refs is unavailable the process's lifetime peak (ru_maxrss) is used
+  instead, an upper bound.
 - CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the memory
   allocated before the step; in-process. The largest batch each path fits is found by doubling B
   from 1024 until an out-of-memory error (or --max-batch), then bisecting to --resolution.
