@@ -26,8 +26,8 @@ How peak extra memory is measured
   allocated before the step; in-process. The largest batch each path fits is found by doubling B
   from 1024 until an out-of-memory error (or --max-batch), then bisecting to --resolution.
 
-Dense cases whose estimated peak (DENSE_BYTES_PER_PAIR x B x M) exceeds --memory-cap-gib are
-skipped and reported as such.
+Dense cases whose estimated peak (DENSE_BYTES_PER_PAIR x B x M) exceeds --memory-cap-gib (default:
+half the memory free at start, host RAM or GPU) are skipped and reported as such.
 """
 from __future__ import annotations
 
@@ -211,12 +211,18 @@ def describe_machine(args) -> str:
             f"chunk={args.chunk_size}, best of {args.repeats}")
 
 
+def _free_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def measure(chunk_size, batch, args) -> dict | None:
     if chunk_size is None:
         estimate = DENSE_BYTES_PER_PAIR * batch * (batch + args.extra_negatives) / 2**30
         if estimate > args.memory_cap_gib:
             print(f"  dense B={batch} skipped: estimated {estimate:.1f} GiB > "
-                  f"--memory-cap-gib {args.memory_cap_gib}", flush=True)
+                  f"--memory-cap-gib {args.memory_cap_gib:.1f}", flush=True)
             return None
     run = cuda_case if args.device == "cuda" else run_cpu_case
     return run(chunk_size, batch, args)
@@ -258,8 +264,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--extra-negatives", type=int, default=0)
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--memory-cap-gib", type=float, default=8.0,
-                        help="skip dense cases whose estimated peak exceeds this")
+    parser.add_argument("--memory-cap-gib", type=float, default=None,
+                        help="skip dense cases whose estimated peak exceeds this "
+                             "(default: half the free memory)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default, one per core)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -269,6 +276,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but torch.cuda.is_available() is False")
+    if args.memory_cap_gib is None:
+        args.memory_cap_gib = _free_memory_bytes(args.device) / 2 / 2**30
     return args
 
 
