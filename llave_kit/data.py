@@ -442,8 +442,9 @@ class DatasetInfo:
         return self.root / files[level]
 
     def train_dataset(self, tasks: Iterable[str] | None = None, **kwargs) -> ConcatDataset:
-        """Training pairs of `tasks` (default all) as one dataset; kwargs go to TrainPairDataset."""
-        names = self.tasks if tasks is None else list(tasks)
+        """Training pairs of `tasks` (default: all that have some) as one dataset; kwargs go to
+        TrainPairDataset."""
+        names = [t for t in self.tasks if self.task(t)["train"]] if tasks is None else list(tasks)
         parts = [TrainPairDataset(self.train_path(t), self.image_root, **kwargs) for t in names]
         return ConcatDataset(parts)
 
@@ -643,3 +644,56 @@ def __getattr__(name: str):
 
         return getattr(scenes, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Describing a real MMEB folder
+
+MMEB_META_TASKS = {
+    **dict.fromkeys(["ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365",
+                     "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211"], "classification"),
+    **dict.fromkeys(["OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W",
+                     "ScienceQA", "VizWiz", "GQA", "TextVQA"], "vqa"),
+    **dict.fromkeys(["VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i",
+                     "MSCOCO_i2t", "NIGHTS", "WebQA", "FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS"],
+                    "retrieval"),
+    **dict.fromkeys(["MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"], "grounding"),
+}
+
+
+def write_mmeb_manifest(root: str | os.PathLike, image_root: str = ".", level: str = "test",
+                        meta_tasks: dict[str, str] | None = None) -> DatasetInfo:
+    """Write manifest.json (+ vocabulary.txt) for a folder of MMEB files, so studies can use it.
+
+    Expects train/<dataset>.jsonl|parquet (MMEB-train pairs) and/or eval/<dataset>.jsonl|parquet
+    (candidate lists); a dataset's meta-task comes from `meta_tasks`, else MMEB's 36 names, else
+    "other". `image_root` is relative to `root`.
+    """
+    root = Path(root)
+    files = {kind: {f.stem: f for f in sorted((root / kind).glob("*"))
+                    if f.suffix in (".jsonl", ".parquet")} for kind in ("train", "eval")}
+    names = sorted(set(files["train"]) | set(files["eval"]))
+    if not names:
+        raise FileNotFoundError(f"{root}: no train/*.jsonl|parquet or eval/*.jsonl|parquet files")
+    lookup = {**MMEB_META_TASKS, **(meta_tasks or {})}
+    tasks, words = {}, set()
+    for name in names:
+        train, evaluation = files["train"].get(name), files["eval"].get(name)
+        tasks[name] = {"meta_task": lookup.get(name, "other"),
+                       "train": train.relative_to(root).as_posix() if train else None,
+                       "eval": {level: evaluation.relative_to(root).as_posix()} if evaluation else {}}
+        for path, kind in ((train, "train"), (evaluation, "eval")):
+            if path is not None:
+                words.update(w for record in read_records(path, kind) for w in _record_words(record))
+    write_text(root / "vocabulary.txt", "\n".join(sorted(words)) + "\n")
+    write_text(root / "labels.jsonl", "")
+    write_manifest(root, {"name": root.name, "version": MANIFEST_VERSION, "seed": None,
+                          "parameters": {}, "image_root": image_root,
+                          "vocabulary": "vocabulary.txt", "labels": "labels.jsonl", "tasks": tasks})
+    return load_manifest(root)
+
+
+def _record_words(record: dict) -> list[str]:
+    texts = [record.get(k) for k in ("qry", "pos_text", "neg_text", "qry_text")]
+    texts += list(record.get("tgt_text") or [])
+    return [w.lower() for text in texts if text for w in text_words(text)]

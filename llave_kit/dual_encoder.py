@@ -61,11 +61,12 @@ class TinyDualEmbedder(nn.Module):
                                   nn.Linear(2 * width, embedding_dim))
 
     @classmethod
-    def build(cls, vocabulary: Iterable[str], seed: int = 0, **sizes) -> "TinyDualEmbedder":
+    def build(cls, vocabulary: Iterable[str], seed: int = 0, device=None,
+              **sizes) -> "TinyDualEmbedder":
         words = sorted({word for text in vocabulary for word in words_of(text)})
         with torch.random.fork_rng(devices=[]):  # seeded weights, global RNG untouched
             torch.manual_seed(seed)
-            return cls(words, **sizes)
+            return cls(words, **sizes).to(device)
 
     @property
     def device(self) -> torch.device:

@@ -90,6 +90,7 @@ class Pipeline:
     runs: list[Run]
     root: Path  # folder that relative notebook paths and output folders are resolved against
     defaults: dict = field(default_factory=dict)  # for every run whose notebook declares them
+    overrides: dict = field(default_factory=dict)  # like defaults, but win over run parameters
 
     @property
     def runs_dir(self) -> Path:
@@ -123,8 +124,12 @@ def _expand_grid(spec: dict) -> list[Run]:
     return runs
 
 
-def load_pipeline(path: str | Path, root: str | Path = ".") -> Pipeline:
-    """Read and check a pipeline file; grids are expanded into one run per combination."""
+def load_pipeline(path: str | Path, root: str | Path = ".", overrides: dict | None = None) -> Pipeline:
+    """Read and check a pipeline file; grids are expanded into one run per combination.
+
+    `overrides` (e.g. from the command line's --set) replace a parameter in every run whose
+    notebook declares it.
+    """
     path = Path(path)
     spec = yaml.safe_load(path.read_text())
     if not isinstance(spec, dict) or not isinstance(spec.get("runs"), list):
@@ -146,7 +151,8 @@ def load_pipeline(path: str | Path, root: str | Path = ".") -> Pipeline:
                     f"{path}: run {name!r} depends on {dependency!r}, which is not an earlier run"
                 )
         runs.extend(_expand_grid(run_spec))
-    return Pipeline(spec.get("name") or path.stem, runs, Path(root), spec.get("defaults") or {})
+    return Pipeline(spec.get("name") or path.stem, runs, Path(root), spec.get("defaults") or {},
+                    dict(overrides or {}))
 
 
 def declared_parameters(notebook: Path) -> set[str]:
@@ -172,8 +178,9 @@ def check_parameters(pipeline: Pipeline) -> None:
     declared_anywhere = set().union(*(declared_parameters(pipeline.root / run.notebook)
                                       for run in pipeline.runs
                                       if (pipeline.root / run.notebook).exists()))
-    if unused := set(pipeline.defaults) - declared_anywhere:
-        problems.append(f"defaults {sorted(unused)} are declared by no notebook of the pipeline")
+    for kind, values in (("defaults", pipeline.defaults), ("overrides", pipeline.overrides)):
+        if unused := set(values) - declared_anywhere:
+            problems.append(f"{kind} {sorted(unused)} are declared by no notebook of the pipeline")
     if problems:
         raise PipelineError("; ".join(problems))
 
@@ -280,7 +287,8 @@ def run_pipeline(pipeline: Pipeline, force: bool = False, log=None) -> list[Outc
         upstream = [outcomes[dep.name] for group in run.depends_on for dep in pipeline.group(group)]
         declared = declared_parameters(pipeline.root / run.notebook)
         defaults = {k: v for k, v in pipeline.defaults.items() if k in declared}
-        parameters = _resolve({**defaults, **run.parameters}, pipeline)
+        overrides = {k: v for k, v in pipeline.overrides.items() if k in declared}
+        parameters = _resolve({**defaults, **run.parameters, **overrides}, pipeline)
         fingerprint = _fingerprint(pipeline, run, parameters, [o.fingerprint for o in upstream])
         if any(not o.succeeded for o in upstream):
             failed = sorted({o.run.name for o in upstream if not o.succeeded})

@@ -34,6 +34,8 @@ steps = 300
 batch_size = 64
 seed = 0
 device = "cpu"
+precision = "fp32"  # "bf16" on GPUs (LLaVE trains in bf16)
+gradcache_chunk_size = None  # embed the batch in chunks of this size (GradCache), for big batches
 eval_levels = ["hard", "random"]
 output_dir = "runs/train"
 figures_dir = "figures/train"
@@ -49,6 +51,7 @@ dataset = load_data(data, data_dir, **generator)
 embedder, result = train_embedder(
     model, dataset, output_dir, loss=loss, alpha=alpha, temperature=temperature, lr=lr,
     warmup_ratio=warmup_ratio, max_steps=steps, batch_size=batch_size, seed=seed, device=device,
+    precision=precision, gradcache_chunk_size=gradcache_chunk_size,
 )
 
 # %%

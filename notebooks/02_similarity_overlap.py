@@ -31,6 +31,7 @@ n_eval = 200
 level = "hard"
 k = 5  # hard: the top-k most similar wrong candidates; easy: the bottom-k (the paper uses 5)
 cache_dir = None  # embedding cache shared with other studies
+device = "cpu"
 figures_dir = "figures/overlap"
 
 # %%
@@ -47,7 +48,7 @@ generator = {"n_train": n_train, "n_eval": n_eval} if data == "scenes" else {}
 dataset = load_data(data, data_dir, **generator)
 checkpoints = {"before": before_checkpoint, "after InfoNCE": info_nce_checkpoint,
                "after weighting": weighted_checkpoint}
-pools = {name: similarity_pools(load_model(path), dataset, level=level, k=k, cache_dir=cache_dir)
+pools = {name: similarity_pools(load_model(path, dataset, device=device), dataset, level=level, k=k, cache_dir=cache_dir)
          for name, path in checkpoints.items()}
 summary = pd.DataFrame({name: separation_summary(pool) for name, pool in pools.items()}).T
 summary.round(3)

@@ -31,6 +31,7 @@ failure_model = "after weighting"
 failure_task = "ret_i2t"
 failures_shown = 6
 cache_dir = None
+device = "cpu"
 figures_dir = "figures/retrieval"
 
 # %%
@@ -43,7 +44,7 @@ from llave_kit.studies import evaluate_embedder, hardest_failures, load_data, lo
 # %%
 generator = {"n_train": n_train, "n_eval": n_eval} if data == "scenes" else {}
 dataset = load_data(data, data_dir, **generator)
-embedders = {name: load_model(path) for name, path in models.items()}
+embedders = {name: load_model(path, dataset, device=device) for name, path in models.items()}
 table = pd.concat([evaluate_embedder(embedder, dataset, levels=levels, cache_dir=cache_dir).assign(model=name)
                    for name, embedder in embedders.items()], ignore_index=True)
 table.pivot_table(index=["meta_task", "task"], columns=["level", "model"], values="p@1").round(3)

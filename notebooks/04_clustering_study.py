@@ -33,6 +33,7 @@ temperature = 0.05
 lr = 5e-4
 batch_size = 64
 seed = 0
+device = "cpu"
 projection = "tsne"  # "tsne", "pca" or "umap" (needs umap-learn)
 output_dir = "runs/clustering"
 figures_dir = "figures/clustering"
@@ -56,7 +57,7 @@ embeddings = {}
 for name, recipe in recipes.items():
     embedder, _ = train_embedder(base_checkpoint, digits, f"{output_dir}/digits_{name}",
                                  max_steps=digits_steps, temperature=temperature, lr=lr,
-                                 batch_size=batch_size, seed=seed, **recipe)
+                                 batch_size=batch_size, seed=seed, device=device, **recipe)
     embeddings[f"digits · {name}"] = (embed_images(embedder, digit_images), digit_labels)
 
 # %% [markdown]
@@ -66,7 +67,7 @@ for name, recipe in recipes.items():
 scenes = load_data("scenes", data_dir, n_train=n_train, n_eval=n_eval)
 scene_images, scene_labels = labelled_images(scenes, "shape", split="eval", task="cls_object", role="query")
 for name, path in scenes_models.items():
-    embeddings[f"scenes · {name}"] = (embed_images(load_model(path), scene_images), scene_labels)
+    embeddings[f"scenes · {name}"] = (embed_images(load_model(path, scenes, device=device), scene_images), scene_labels)
 
 # %%
 scores = {title: cluster_embeddings(emb, labels, seed=seed).as_dict() for title, (emb, labels) in embeddings.items()}

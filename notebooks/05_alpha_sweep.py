@@ -34,12 +34,14 @@ seeds = [0, 1]
 temperature = 0.05
 temperature_matched = True
 ladder = True
+ladder_batch_size = 16  # rung 1's batch; rungs 2-4 use pool_factor times as many
 pool_factor = 4
 ladder_alpha = 9.0
 steps = 100
 batch_size = 32
 lr = 5e-4
 level = "hard"
+device = "cpu"
 output_dir = "runs/alpha_sweep"
 figures_dir = "figures/alpha_sweep"
 
@@ -55,7 +57,7 @@ from llave_kit.studies import (
 # %%
 generator = {"n_train": n_train, "n_eval": n_eval} if data == "scenes" else {}
 dataset = load_data(data, data_dir, **generator)
-common = dict(max_steps=steps, batch_size=batch_size, lr=lr, level=level)
+common = dict(max_steps=steps, batch_size=batch_size, lr=lr, level=level, device=device)
 sweep = run_variants(alpha_sweep_variants(alphas, temperature, temperature_matched),
                      base_checkpoint, dataset, f"{output_dir}/sweep", seeds=seeds, **common)
 sweep.groupby(["group", "alpha_value"])[["p@1", "gap", "auroc"]].agg(["mean", "std"]).round(3)
@@ -68,7 +70,7 @@ figure
 # %%
 if ladder:
     ladder_common = {k: v for k, v in common.items() if k != "batch_size"}  # rungs set their own
-    rungs = run_variants(ablation_ladder_variants(batch_size, pool_factor, ladder_alpha, temperature),
+    rungs = run_variants(ablation_ladder_variants(ladder_batch_size, pool_factor, ladder_alpha, temperature),
                          base_checkpoint, dataset, f"{output_dir}/ladder", seeds=seeds,
                          temperature=temperature, **ladder_common)
     figure = plot_metric_bars(rungs, x="label", y="p@1", hue=None)

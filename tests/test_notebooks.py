@@ -13,7 +13,7 @@ import nbformat
 import papermill
 import pytest
 
-from llave_kit.pipeline import load_pipeline, read_metrics, run_pipeline
+from llave_kit.pipeline import check_parameters, load_pipeline, read_metrics, run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -55,7 +55,7 @@ def tiny_pipeline() -> dict:
         {"name": "alpha_sweep", "notebook": "notebooks/05_alpha_sweep.ipynb",
          "depends_on": ["pretrain"],
          "parameters": {**data, **TINY, "base_checkpoint": MODELS["before"], "alphas": [0.0, 9.0],
-                        "seeds": [0], "steps": 2, "batch_size": 4, "pool_factor": 2}},
+                        "seeds": [0], "steps": 2, "batch_size": 4, "ladder_batch_size": 4, "pool_factor": 2}},
     ]}
 
 
@@ -112,3 +112,31 @@ def test_papermill_reads_every_assignment_of_the_parameters_cell(path):
     assert len(cells) == 1
     assigned = [node.targets[0].id for node in ast.parse(cells[0].source).body]
     assert list(papermill.inspect_notebook(str(path))) == assigned
+
+
+def test_gpu_pipeline_file_runs_on_tiny_stand_ins(executed):
+    """pipelines/mmeb_gpu.yaml as shipped, with the hub checkpoint and MMEB folder swapped for tiny
+    stand-ins through --set style overrides: every parameter it names is declared and used."""
+    studies_pipeline, _ = executed
+    root = studies_pipeline.root
+    scenes = str(studies_pipeline.runs_dir / "data" / "scenes")
+    finetuned = {"after InfoNCE": "{runs_dir}/finetune_info_nce/final",
+                 "after weighting": "{runs_dir}/finetune_weighted/final"}
+    overrides = {
+        "model": "tiny-dual", "data": scenes, "data_dir": scenes, **TINY, "device": "cpu",
+        "precision": "fp32", "steps": 2, "batch_size": 4, "gradcache_chunk_size": 2, "lr": 1e-3,
+        "level": "hard", "levels": ["hard"], "eval_levels": ["hard"], "failure_task": "cls_object",
+        "before_checkpoint": "tiny-dual", "base_checkpoint": "tiny-dual",
+        "models": {"before": "tiny-dual", **finetuned}, "scenes_models": finetuned,
+        "digits_steps": 2, "projection": "pca", "alphas": [0.0, 9.0], "seeds": [0], "ladder": False,
+    }
+    pipeline = load_pipeline(REPO / "pipelines" / "mmeb_gpu.yaml", root=root, overrides=overrides)
+    outcomes = run_pipeline(pipeline, log=lambda message: None)
+    assert {o.run.name: o.error for o in outcomes if o.status != "ran"} == {}
+    overlap = read_metrics(pipeline.runs_dir / "overlap.ipynb")
+    assert set(overlap["table1"]) == {"before", "after InfoNCE", "after weighting"}
+
+
+def test_shipped_pipelines_only_name_declared_parameters():
+    for name in ("cpu_demo", "mmeb_gpu"):
+        check_parameters(load_pipeline(REPO / "pipelines" / f"{name}.yaml", root=REPO))

@@ -1,0 +1,49 @@
+"""A folder of real-MMEB-style files becomes a data set the studies can train and evaluate on."""
+import pytest
+from PIL import Image
+
+from llave_kit.data import write_mmeb_manifest, write_records
+from llave_kit.studies import evaluate_embedder, load_data, load_model
+
+
+@pytest.fixture
+def mmeb_folder(tmp_path):
+    for name, colour in (("red.png", "red"), ("blue.png", "blue")):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / name)
+    write_records(tmp_path / "train" / "MSCOCO_i2t.jsonl", [
+        {"qry": "<|image_1|> Find an image caption", "qry_image_path": "red.png",
+         "pos_text": "A red square", "pos_image_path": ""},
+        {"qry": "<|image_1|> Find an image caption", "qry_image_path": "blue.png",
+         "pos_text": "A blue square", "pos_image_path": ""}])
+    write_records(tmp_path / "eval" / "MSCOCO_i2t.jsonl", [
+        {"qry_text": "<|image_1|> Find an image caption", "qry_img_path": "red.png",
+         "tgt_text": ["A red square", "A blue square"], "tgt_img_path": ["", ""]}])
+    write_records(tmp_path / "eval" / "ObjectNet.parquet", [
+        {"qry_text": "<|image_1|> Classify the object", "qry_img_path": "blue.png",
+         "tgt_text": ["blue", "red", "green"], "tgt_img_path": ["", "", ""]}])
+    return tmp_path
+
+
+def test_manifest_describes_tasks_meta_tasks_and_vocabulary(mmeb_folder):
+    info = write_mmeb_manifest(mmeb_folder)
+    assert info.tasks == ["MSCOCO_i2t", "ObjectNet"]
+    assert (info.meta_task("MSCOCO_i2t"), info.meta_task("ObjectNet")) == ("retrieval", "classification")
+    assert info.levels("ObjectNet") == ["test"] and info.task("ObjectNet")["train"] is None
+    assert len(info.train_dataset()) == 2  # eval-only tasks are skipped
+    assert {"red", "blue", "green", "square", "classify"} <= set(info.vocabulary())
+
+
+def test_studies_train_and_evaluate_on_the_folder(mmeb_folder, tmp_path_factory):
+    write_mmeb_manifest(mmeb_folder)
+    data = load_data(str(mmeb_folder))
+    model = load_model("tiny-dual", data)
+    table = evaluate_embedder(model, data, levels=("test",))
+    assert list(table.task) == ["MSCOCO_i2t", "ObjectNet"]
+    assert table["p@1"].between(0, 1).all()
+    with pytest.raises(ValueError, match="only apply to built-in data"):
+        load_data(str(mmeb_folder), n_train=3)
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no train/"):
+        write_mmeb_manifest(tmp_path)
