@@ -22,6 +22,7 @@ single-process gradient.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -277,9 +278,7 @@ def info_nce(
             gather_across_devices=gather_across_devices, chunk_size=chunk_size,
         )
 
-    def rows(sim, labels, negatives):
-        return info_nce_rows(sim, labels, negatives, temperature=temperature)
-
+    rows = functools.partial(info_nce_rows, temperature=temperature)
     return contrastive_loss(
         rows, query, target, symmetric=symmetric,
         false_negative_margin=false_negative_margin, gather_across_devices=gather_across_devices,
@@ -306,9 +305,7 @@ def hardness_weighted_info_nce(
             gather_across_devices=gather_across_devices, chunk_size=chunk_size,
         )
 
-    def rows(sim, labels, negatives):
-        return hardness_weighted_rows(sim, labels, negatives, temperature=temperature, alpha=alpha)
-
+    rows = functools.partial(hardness_weighted_rows, temperature=temperature, alpha=alpha)
     return contrastive_loss(
         rows, query, target, symmetric=symmetric,
         false_negative_margin=false_negative_margin, gather_across_devices=gather_across_devices,
@@ -328,9 +325,7 @@ def focal_info_nce(
     """Focal-InfoNCE (Hou & Li, 2023); see `FocalInfoNCELoss`."""
     _check_hyper_parameters(temperature=temperature, margin=margin)
 
-    def rows(sim, labels, negatives):
-        return focal_info_nce_rows(sim, labels, negatives, temperature=temperature, margin=margin)
-
+    rows = functools.partial(focal_info_nce_rows, temperature=temperature, margin=margin)
     return contrastive_loss(
         rows, query, target, symmetric=symmetric,
         false_negative_margin=false_negative_margin, gather_across_devices=gather_across_devices,
@@ -349,9 +344,7 @@ def dcl_loss(
     """Decoupled contrastive loss (Yeh et al., 2022); see `DCLLoss`."""
     _check_hyper_parameters(temperature=temperature)
 
-    def rows(sim, labels, negatives):
-        return dcl_rows(sim, labels, negatives, temperature=temperature)
-
+    rows = functools.partial(dcl_rows, temperature=temperature)
     return contrastive_loss(
         rows, query, target, symmetric=symmetric,
         false_negative_margin=false_negative_margin, gather_across_devices=gather_across_devices,
@@ -372,11 +365,7 @@ def hcl_loss(
     """Hard-negative contrastive loss (Robinson et al., 2021); see `HCLLoss`."""
     _check_hyper_parameters(temperature=temperature, beta=beta, tau_plus=tau_plus)
 
-    def rows(sim, labels, negatives):
-        return hcl_rows(
-            sim, labels, negatives, temperature=temperature, beta=beta, tau_plus=tau_plus
-        )
-
+    rows = functools.partial(hcl_rows, temperature=temperature, beta=beta, tau_plus=tau_plus)
     return contrastive_loss(
         rows, query, target, symmetric=symmetric,
         false_negative_margin=false_negative_margin, gather_across_devices=gather_across_devices,
