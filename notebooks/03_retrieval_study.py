@@ -36,6 +36,7 @@ figures_dir = "figures/retrieval"
 
 # %%
 import pandas as pd
+from IPython.display import display
 
 from llave_kit.pipeline import record_metrics
 from llave_kit.plotting import plot_failure_cases, plot_metric_bars, save_figure

@@ -46,7 +46,7 @@ output_dir = "runs/alpha_sweep"
 figures_dir = "figures/alpha_sweep"
 
 # %%
-import pandas as pd
+from IPython.display import display
 
 from llave_kit.pipeline import record_metrics
 from llave_kit.plotting import plot_alpha_sweep, plot_metric_bars, save_figure
