@@ -248,7 +248,11 @@ def _execute(pipeline: Pipeline, run: Run, parameters: dict, declared: set[str],
     partial = pipeline.runs_dir / f".{run.name}.partial.ipynb"
     staging = pipeline.figures_dir / ".staging" / run.name
     final_figures = pipeline.figures_dir / run.name
-    shutil.rmtree(staging, ignore_errors=True)
+    # Until this run finishes, nothing of its earlier results may pass for current: a pipeline
+    # killed here must neither skip it next time nor show its old figures.
+    _record_path(pipeline, run).unlink(missing_ok=True)
+    for folder in (staging, final_figures):
+        shutil.rmtree(folder, ignore_errors=True)
     automatic = {"output_dir": str(pipeline.runs_dir / run.name), "figures_dir": str(staging)}
     parameters = {**{k: v for k, v in automatic.items() if k in declared}, **parameters}
     if parameters.get("output_dir") == automatic["output_dir"]:
@@ -265,7 +269,6 @@ def _execute(pipeline: Pipeline, run: Run, parameters: dict, declared: set[str],
     seconds = time.perf_counter() - started
     if partial.exists():
         os.replace(partial, executed)  # a failed run keeps its executed copy, error included
-    shutil.rmtree(final_figures, ignore_errors=True)
     if error is None and staging.exists():
         os.replace(staging, final_figures)
     shutil.rmtree(staging, ignore_errors=True)

@@ -148,3 +148,25 @@ def test_defaults_reach_only_the_notebooks_that_declare_them(project):
     path.write_text(json.dumps({**spec, "defaults": {"valeu": 7}}))
     with pytest.raises(PipelineError, match=r"defaults \['valeu'\] are declared by no notebook"):
         run_pipeline(load_pipeline(path, root=project), log=lambda message: None)
+
+
+def test_an_interrupted_run_leaves_nothing_that_passes_for_current(project, monkeypatch):
+    import papermill
+
+    path = write_pipeline(project)
+    run_pipeline(load_pipeline(path, root=project), log=lambda message: None)
+    figures = project / "figures" / "demo"
+    assert (figures / "make" / "line.png").exists() and (figures / "summary.md").exists()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what a Ctrl-C or kill during a notebook looks like here
+
+    monkeypatch.setattr(papermill, "execute_notebook", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(load_pipeline(path, root=project), force=True, log=lambda message: None)
+    assert not (figures / "summary.md").exists()
+    assert not (figures / "make").exists()
+    monkeypatch.undo()
+    again = run_pipeline(load_pipeline(path, root=project), log=lambda message: None)
+    assert statuses(again)["make"] == "ran"  # not skipped as if it had finished
+    assert statuses(again)["sweep-value1"] == "cached"
