@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from llave_kit.data import IMAGE_PLACEHOLDER
+from llave_kit.data import staged_directory, text_words
 
 IMAGE_SIZE = 56
 CONFIG_FILE = "dual_encoder.json"
@@ -40,7 +39,7 @@ PAD, UNKNOWN = "<pad>", "<unk>"
 
 
 def words_of(text: str) -> list[str]:
-    return text.replace(IMAGE_PLACEHOLDER, " ").lower().split()
+    return [word.lower() for word in text_words(text)]
 
 
 class TinyDualEmbedder(nn.Module):
@@ -105,16 +104,11 @@ class TinyDualEmbedder(nn.Module):
         return F.normalize(self.fuse(fused), dim=-1)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        directory = Path(directory)
-        staging = directory.with_name(f".{directory.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
         config = {"words": self.words[2:], "embedding_dim": self.embedding_dim, "width": self.width}
-        (staging / CONFIG_FILE).write_text(json.dumps(config))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()},
-                  str(staging / WEIGHTS_FILE))
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(staging, directory)
+        with staged_directory(directory, overwrite=True) as staging:  # all or nothing on disk
+            (staging / CONFIG_FILE).write_text(json.dumps(config))
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()},
+                      str(staging / WEIGHTS_FILE))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device=None, **_) -> "TinyDualEmbedder":

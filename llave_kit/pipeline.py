@@ -266,7 +266,10 @@ def _execute(pipeline: Pipeline, run: Run, parameters: dict, declared: set[str],
         )
     except PapermillExecutionError as failure:
         error = f"{failure.ename}: {failure.evalue}"
+    except Exception as failure:  # e.g. the kernel died (out of memory): this run failed, not all
+        error = f"{type(failure).__name__}: {failure}"
     seconds = time.perf_counter() - started
+    executed.unlink(missing_ok=True)
     if partial.exists():
         os.replace(partial, executed)  # a failed run keeps its executed copy, error included
     if error is None and staging.exists():

@@ -68,40 +68,47 @@ def train_embedder(
 # Evaluation
 
 
-def _embedded_lists(model, data: DatasetInfo, task: str, level: str, cache_dir) -> tuple:
-    return embed_eval_dataset(model, data.eval_dataset(task, level), batch_size=128,
-                              cache_dir=cache_dir, progress=False)
-
-
-def evaluate_embedder(
+def evaluate_tasks(
     model, data: DatasetInfo, levels: Iterable[str] = ("hard",), tasks: Sequence[str] | None = None,
     cache_dir: str | Path | None = None, k: int = 5,
-) -> pd.DataFrame:
-    """P@1, MRR, Recall@k and the Table-1 similarity means, one row per (task, level)."""
-    rows = []
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """One embedding pass per (task, level) that has an eval file; returns both
+    `evaluate_embedder`'s table and `similarity_pools`' samples (pooled over every row)."""
+    model_key = model_fingerprint(model) if cache_dir is not None else None  # hash weights once
+    rows, pools = [], {"positive": [], "hard": [], "easy": []}
     for task in tasks or data.tasks:
         for level in levels:
             if level not in data.levels(task):
                 continue
-            queries, candidates = _embedded_lists(model, data, task, level, cache_dir)
-            stats = similarity_stats(queries, candidates, k=min(k, candidates.shape[1] - 1))
-            rows.append({"task": task, "meta_task": data.meta_task(task), "level": level,
-                         **candidate_list_metrics(queries, candidates), **stats.as_dict()})
-    return pd.DataFrame(rows)
+            queries, candidates = embed_eval_dataset(
+                model, data.eval_dataset(task, level), batch_size=128, cache_dir=cache_dir,
+                model_key=model_key, progress=False)
+            row = {"task": task, "meta_task": data.meta_task(task), "level": level,
+                   **candidate_list_metrics(queries, candidates)}
+            if candidates.shape[1] > 1:  # Table-1 statistics need at least one wrong candidate
+                stats = similarity_stats(queries, candidates, k=min(k, candidates.shape[1] - 1))
+                row.update(stats.as_dict())
+                for role, values in stats.distributions().items():
+                    pools[role].append(values)
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{data.root}: no eval files for levels {list(levels)} in tasks "
+                         f"{list(tasks or data.tasks)}")
+    return pd.DataFrame(rows), {role: np.concatenate(v) if v else np.empty(0)
+                                for role, v in pools.items()}
 
 
-def similarity_pools(
-    model, data: DatasetInfo, level: str = "hard", tasks: Sequence[str] | None = None,
-    cache_dir: str | Path | None = None, k: int = 5,
-) -> dict[str, np.ndarray]:
+def evaluate_embedder(model, data: DatasetInfo, levels: Iterable[str] = ("hard",),
+                      tasks: Sequence[str] | None = None, cache_dir=None, k: int = 5) -> pd.DataFrame:
+    """P@1, MRR, Recall@k and the Table-1 similarity means, one row per (task, level)."""
+    return evaluate_tasks(model, data, levels, tasks, cache_dir, k)[0]
+
+
+def similarity_pools(model, data: DatasetInfo, level: str = "hard",
+                     tasks: Sequence[str] | None = None, cache_dir=None,
+                     k: int = 5) -> dict[str, np.ndarray]:
     """Positive, top-k hard and bottom-k easy similarities pooled over tasks (Table-1 samples)."""
-    pools: dict[str, list] = {"positive": [], "hard": [], "easy": []}
-    for task in tasks or data.tasks:
-        queries, candidates = _embedded_lists(model, data, task, level, cache_dir)
-        stats = similarity_stats(queries, candidates, k=min(k, candidates.shape[1] - 1))
-        for role, values in stats.distributions().items():
-            pools[role].append(values)
-    return {role: np.concatenate(values) for role, values in pools.items()}
+    return evaluate_tasks(model, data, (level,), tasks, cache_dir, k)[1]
 
 
 def separation_summary(pools: dict[str, np.ndarray]) -> dict[str, float]:
@@ -117,8 +124,11 @@ def hardest_failures(model, data: DatasetInfo, task: str, level: str = "hard", n
                      cache_dir=None) -> list[dict]:
     """The `n` queries whose best wrong candidate beats the positive by the widest margin."""
     dataset = data.eval_dataset(task, level)
-    queries, candidates = _embedded_lists(model, data, task, level, cache_dir)
-    scores = np.einsum("qd,qcd->qc", queries, candidates)  # embeddings are unit-norm
+    queries, candidates = embed_eval_dataset(model, dataset, batch_size=128, cache_dir=cache_dir,
+                                             progress=False)
+    if candidates.shape[1] < 2:
+        raise ValueError(f"task {task!r} ({level}) has a single candidate: nothing can beat it")
+    scores = np.einsum("qd,qcd->qc", queries, candidates)  # encoders return unit vectors
     best_wrong = 1 + scores[:, 1:].argmax(axis=1)
     margins = scores[np.arange(len(scores)), best_wrong] - scores[:, 0]
     failures = []
@@ -181,15 +191,17 @@ def alpha_sweep_variants(alphas: Iterable[float], temperature: float,
 def ablation_ladder_variants(batch_size: int, pool_factor: int, alpha: float,
                              temperature: float) -> list[dict]:
     """LLaVE's ablation order. One process sees `pool_factor` x more negatives exactly as
-    cross-device gather over `pool_factor` devices would (the loss contract makes them equal)."""
+    cross-device gather over `pool_factor` devices would (the loss contract makes them equal); like
+    such a run, it also sees `pool_factor` x more pairs in the same number of steps."""
     pooled = batch_size * pool_factor
-    return [
+    rungs = [
         {"label": "1 InfoNCE", "loss": "info_nce", "batch_size": batch_size},
         {"label": f"2 + gather (x{pool_factor} negatives)", "loss": "info_nce", "batch_size": pooled},
         {"label": "3 + focal", "loss": "focal_info_nce", "batch_size": pooled},
         {"label": "4 + hardness weighting", "loss": "hardness_weighted", "alpha": alpha,
          "batch_size": pooled},
     ]
+    return [{**rung, "temperature": temperature} for rung in rungs]
 
 
 def run_variants(
@@ -210,8 +222,7 @@ def run_variants(
                                 **{k: v for k, v in variant.items() if k in fields}}
             run_dir = Path(output_root) / f"{_slug(variant['label'])}-seed{seed}"
             embedder, _ = train_embedder(model, data, run_dir, tasks=tasks, **train_parameters)
-            table = evaluate_embedder(embedder, data, levels=(level,), tasks=tasks)
-            pools = similarity_pools(embedder, data, level=level, tasks=tasks)
+            table, pools = evaluate_tasks(embedder, data, levels=(level,), tasks=tasks)
             rows.append({**{k: v for k, v in variant.items() if k not in fields}, "seed": seed,
                          "p@1": float(table["p@1"].mean()), **separation_summary(pools)})
     return pd.DataFrame(rows)

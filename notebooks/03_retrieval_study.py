@@ -29,6 +29,7 @@ n_eval = 200
 levels = ["hard", "random"]
 failure_model = "after weighting"
 failure_task = "ret_i2t"
+failure_level = "hard"
 failures_shown = 6
 cache_dir = None
 device = "cpu"
@@ -66,7 +67,7 @@ ranking.round(3)
 # Queries where the model's top candidate beats the positive by the widest margin.
 
 # %%
-failures = hardest_failures(embedders[failure_model], dataset, failure_task, "hard", failures_shown,
+failures = hardest_failures(embedders[failure_model], dataset, failure_task, failure_level, failures_shown,
                             cache_dir=cache_dir)
 figure = plot_failure_cases(failures, title=f"{failure_model}: hardest failures on {failure_task}")
 save_figure(figure, f"{figures_dir}/failures_{failure_task}")

@@ -20,7 +20,8 @@
 #    be "sharper negatives". Beside each α, InfoNCE at `1/τ' = 1/τ + α` is trained: what weighting adds
 #    beyond it is the effect of keeping the positive at scale `1/τ` and of the stop-gradient.
 # 3. **Ablation ladder** (the paper's Table 5 order): InfoNCE → + cross-device gather (simulated here
-#    by a `pool_factor` times larger batch, which the gather makes exactly equivalent) → + focal
+#    by a `pool_factor` times larger batch, which the gather makes exactly equivalent; like a run on
+#    `pool_factor` devices, it also sees `pool_factor` times more pairs in the same steps) → + focal
 #    InfoNCE → + hardness weighting.
 
 # %% tags=["parameters"]

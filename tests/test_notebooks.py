@@ -126,6 +126,7 @@ def test_gpu_pipeline_file_runs_on_tiny_stand_ins(executed):
         "model": "tiny-dual", "data": scenes, "data_dir": scenes, **TINY, "device": "cpu",
         "precision": "fp32", "steps": 2, "batch_size": 4, "gradcache_chunk_size": 2, "lr": 1e-3,
         "level": "hard", "levels": ["hard"], "eval_levels": ["hard"], "failure_task": "cls_object",
+        "failure_level": "hard",
         "before_checkpoint": "tiny-dual", "base_checkpoint": "tiny-dual",
         "models": {"before": "tiny-dual", **finetuned}, "scenes_models": finetuned,
         "digits_steps": 2, "projection": "pca", "alphas": [0.0, 9.0], "seeds": [0], "ladder": False,

@@ -170,3 +170,22 @@ def test_an_interrupted_run_leaves_nothing_that_passes_for_current(project, monk
     again = run_pipeline(load_pipeline(path, root=project), log=lambda message: None)
     assert statuses(again)["make"] == "ran"  # not skipped as if it had finished
     assert statuses(again)["sweep-value1"] == "cached"
+
+
+def test_a_dead_kernel_fails_its_run_and_the_pipeline_goes_on(project, monkeypatch):
+    import papermill
+
+    real = papermill.execute_notebook
+
+    def dies_on_producer(input_path, *args, **kwargs):
+        if input_path.endswith("producer.ipynb"):
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        return real(input_path, *args, **kwargs)
+
+    monkeypatch.setattr(papermill, "execute_notebook", dies_on_producer)
+    outcomes = run_pipeline(load_pipeline(write_pipeline(project), root=project),
+                            log=lambda message: None)
+    assert statuses(outcomes) == {"make": "failed", "use": "blocked", "sweep-value1": "failed",
+                                  "sweep-value2": "failed"}
+    summary = (project / "figures" / "demo" / "summary.md").read_text()
+    assert "Status: **failed** — RuntimeError: Kernel died before replying" in summary
