@@ -433,7 +433,10 @@ class DatasetInfo:
         return list(self.task(task)["eval"])
 
     def train_path(self, task: str) -> Path:
-        return self.root / self.task(task)["train"]
+        train = self.task(task)["train"]
+        if not train:
+            raise ValueError(f"task {task!r} of {self.root} has no training pairs (eval only)")
+        return self.root / train
 
     def eval_path(self, task: str, level: str) -> Path:
         files = self.task(task)["eval"]

@@ -55,7 +55,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-IMAGE_PLACEHOLDER = "<|image_1|>"  # MMEB / VLM2Vec marker of the image position in a text
+from llave_kit.data import IMAGE_PLACEHOLDER  # MMEB / VLM2Vec marker of the image position
+
 MODEL_NAMES = ("tiny-qwen2-vl", "tiny-llava-onevision")  # tiny configs of the real LMM classes
 TINY_DUAL = "tiny-dual"  # llave_kit.dual_encoder: fast two-tower model for CPU studies
 CPU_MODELS = (*MODEL_NAMES, TINY_DUAL)

@@ -46,6 +46,8 @@ from pathlib import Path
 import nbformat
 import yaml
 
+from llave_kit.data import write_text
+
 METRICS_MIME = "application/vnd.llave-kit.metrics+json"
 RUN_KEYS = {"name", "notebook", "parameters", "grid", "depends_on"}
 PIPELINE_KEYS = {"name", "defaults", "runs"}
@@ -232,13 +234,6 @@ def _is_cached(pipeline: Pipeline, run: Run, fingerprint: str) -> bool:
     return record.get("status") == "ok" and record.get("fingerprint") == fingerprint
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def _execute(pipeline: Pipeline, run: Run, parameters: dict, declared: set[str],
              fingerprint: str) -> Outcome:
     import papermill
@@ -277,7 +272,7 @@ def _execute(pipeline: Pipeline, run: Run, parameters: dict, declared: set[str],
     shutil.rmtree(staging, ignore_errors=True)
     record = {"status": "ok" if error is None else "failed", "fingerprint": fingerprint,
               "seconds": round(seconds, 2), "error": error, "parameters": parameters}
-    _write_atomically(_record_path(pipeline, run), json.dumps(record, indent=1, default=str))
+    write_text(_record_path(pipeline, run), json.dumps(record, indent=1, default=str))
     return Outcome(run, "ran" if error is None else "failed", seconds, error, fingerprint)
 
 
@@ -310,7 +305,7 @@ def run_pipeline(pipeline: Pipeline, force: bool = False, log=None) -> list[Outc
         log(f"[{pipeline.name}] {run.name}: {outcome.status}"
             + (f" in {outcome.seconds:.0f}s" if outcome.status == "ran" else "")
             + (f" ({outcome.error})" if outcome.error else ""))
-    _write_atomically(summary, render_summary(pipeline, list(outcomes.values())))
+    write_text(summary, render_summary(pipeline, list(outcomes.values())))
     log(f"[{pipeline.name}] summary: {summary}")
     return list(outcomes.values())
 

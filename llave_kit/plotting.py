@@ -34,7 +34,7 @@ from cycler import cycler
 from matplotlib.figure import Figure
 
 from llave_kit.analysis import as_float_array, overlap_metrics
-from llave_kit.data import atomic_path
+from llave_kit.data import IMAGE_PLACEHOLDER, atomic_path
 
 PALETTE = sns.color_palette("colorblind")
 ROLE_COLORS = {"positive": PALETTE[2], "hard": PALETTE[3], "easy": PALETTE[0],
@@ -320,7 +320,7 @@ def plot_failure_cases(failures: Sequence[Mapping[str, object]], title: str = ""
                 image, text = failure.get(f"{key}_image"), failure.get(f"{key}_text") or ""
                 if image is not None:
                     ax.imshow(image)
-                caption = text.replace("<|image_1|>", "").strip()
+                caption = text.replace(IMAGE_PLACEHOLDER, "").strip()
                 if key == "chosen":
                     caption += f"\n(margin {failure['margin']:+.3f})"
                 ax.set_title(f"{heading}\n{caption}", fontsize="x-small", wrap=True)

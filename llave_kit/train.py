@@ -67,6 +67,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from llave_kit.data import write_text
 from llave_kit.distributed import is_distributed, rank, world_size
 from llave_kit.losses import make_loss
 
@@ -508,9 +509,7 @@ def gradcache_backward(net, loss_fn, groups, n_query, chunk_size, loss_scale, au
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

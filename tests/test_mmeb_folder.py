@@ -30,6 +30,8 @@ def test_manifest_describes_tasks_meta_tasks_and_vocabulary(mmeb_folder):
     assert (info.meta_task("MSCOCO_i2t"), info.meta_task("ObjectNet")) == ("retrieval", "classification")
     assert info.levels("ObjectNet") == ["test"] and info.task("ObjectNet")["train"] is None
     assert len(info.train_dataset()) == 2  # eval-only tasks are skipped
+    with pytest.raises(ValueError, match="'ObjectNet' .* has no training pairs"):
+        info.train_path("ObjectNet")
     assert {"red", "blue", "green", "square", "classify"} <= set(info.vocabulary())
 
 
