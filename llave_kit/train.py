@@ -526,10 +526,10 @@ def capture_rng(device: torch.device) -> dict:
     """This process's RNG states: python and numpy as JSON-able lists, torch as uint8 tensors."""
     version, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
+    torch_state, cuda_state = _get_rng(device)
     return {"python": [version, list(mt), gauss],
             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            "torch": torch_state, "cuda": cuda_state}
 
 
 def restore_rng(state: dict, device: torch.device) -> None:
@@ -537,9 +537,7 @@ def restore_rng(state: dict, device: torch.device) -> None:
     random.setstate((version, tuple(mt), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    _set_rng(device, (state["torch"], state["cuda"] if device.type == "cuda" else None))
 
 
 def _gather_rng(runtime: Runtime) -> list[dict]:
