@@ -28,8 +28,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import uuid
 import warnings
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,12 +266,109 @@ def write_records(path, records: Iterable[dict], kind: str | None = None) -> Pat
     return path
 
 
+IMAGE_CACHE_ENV = "LLAVE_KIT_IMAGE_CACHE_MB"
+DEFAULT_IMAGE_CACHE_MB = 512
+
+
+class ImageCache:
+    """Decoded RGB images kept in memory within a byte budget, least recently used out first.
+
+    Why: datasets open their images on every item access, so a training run decoded the same PNGs
+    every step (3.1 s of a 10.2 s tiny-dual run). With the cache each process (each DataLoader
+    worker too) decodes a file once.
+
+    - Not stale: every call stats the file, and an entry counts only while the file's absolute path,
+      device, inode, size, mtime and ctime (ns) are unchanged; a rewritten or replaced file is
+      decoded afresh, a deleted one raises as before. (A rewrite of the same size within one tick
+      of the file system's clock, keeping inode and both times, would go unnoticed.)
+    - Not shared: callers get a copy (about 3 us for 56x56), so drawing on one cannot change the
+      next caller's image.
+    - Bounded: an image counts 4 bytes a pixel (PIL's RGB layout); one larger than the whole budget
+      is not kept. The budget holds per process (DataLoader workers have one each): it is
+      LLAVE_KIT_IMAGE_CACHE_MB (default 512; 0 disables the cache) read at import, or
+      `IMAGE_CACHE.set_budget(max_bytes)`; `IMAGE_CACHE.clear()` empties it.
+    """
+
+    def __init__(self, max_bytes: int):
+        self._entries: OrderedDict[str, tuple[tuple, Image.Image, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_bytes, self.nbytes, self.hits, self.misses = 0, 0, 0, 0
+        self.set_budget(max_bytes)
+
+    @classmethod
+    def from_environment(cls) -> "ImageCache":
+        raw = os.environ.get(IMAGE_CACHE_ENV, str(DEFAULT_IMAGE_CACHE_MB))
+        try:
+            megabytes = float(raw)
+        except ValueError:
+            megabytes = float("nan")
+        if not megabytes >= 0 or megabytes == float("inf"):
+            raise ValueError(f"{IMAGE_CACHE_ENV}={raw!r}: expected a size in MiB >= 0 (0 disables "
+                             f"the image cache)")
+        return cls(int(megabytes * 2**20))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def set_budget(self, max_bytes: int) -> None:
+        """Change the budget (0 disables the cache), evicting what no longer fits."""
+        with self._lock:
+            self.max_bytes = max(int(max_bytes), 0)
+            self._evict()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
+
+    def load(self, path: str | os.PathLike, decode) -> Image.Image:
+        """A copy of `decode(path)`, decoded only when the file changed since it was cached."""
+        if self.max_bytes <= 0:
+            return decode(path)
+        name, stat = os.path.abspath(path), os.stat(path)
+        signature = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        with self._lock:
+            entry = self._entries.get(name)
+            hit = entry is not None and entry[0] == signature
+            if hit:
+                self._entries.move_to_end(name)
+                self.hits += 1
+        if hit:
+            return entry[1].copy()  # the cached image itself is never handed out, so never changed
+        image = decode(path)
+        size = image.width * image.height * 4
+        with self._lock:
+            self.misses += 1
+            if (old := self._entries.pop(name, None)) is not None:
+                self.nbytes -= old[2]
+            if size <= self.max_bytes:
+                self._entries[name] = (signature, image, size)
+                self.nbytes += size
+                self._evict()
+        return image.copy()
+
+    def _evict(self) -> None:
+        while self.nbytes > self.max_bytes:
+            _, (_, _, size) = self._entries.popitem(last=False)
+            self.nbytes -= size
+
+
+IMAGE_CACHE = ImageCache.from_environment()
+
+
+def _decode_rgb(path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def load_image(path: str | os.PathLike, where: str = "") -> Image.Image:
-    """Open an image as RGB; FileNotFoundError/ValueError name `where` (file:line) and the path."""
+    """Open an image as RGB; FileNotFoundError/ValueError name `where` (file:line) and the path.
+
+    Decoded images are cached per process (`ImageCache`); each call returns the caller's own copy.
+    """
     prefix = f"{where}: " if where else ""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return IMAGE_CACHE.load(path, _decode_rgb)
     except FileNotFoundError:
         raise FileNotFoundError(f"{prefix}image not found: {path}") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable/truncated files

@@ -32,7 +32,9 @@ from safetensors.torch import load_file, save_file
 
 from llave_kit.data import staged_directory, text_words
 
-IMAGE_SIZE = 56
+IMAGE_SIZE = 84
+PATCH = 14  # 84 / 14 = 6 patches a side: 2 x 2 patches per cell of the scenes' 3 x 3 grid
+GRID = IMAGE_SIZE // PATCH
 CONFIG_FILE = "dual_encoder.json"
 WEIGHTS_FILE = "model.safetensors"
 PAD, UNKNOWN = "<pad>", "<unk>"
@@ -49,14 +51,16 @@ class TinyDualEmbedder(nn.Module):
         self.word_ids = {word: i for i, word in enumerate(self.words)}
         self.vocabulary_digest = hashlib.sha256(" ".join(self.words).encode()).hexdigest()
         self.embedding_dim, self.width = embedding_dim, width
-        self.convs = nn.Sequential(  # (N, 3, 56, 56) -> (N, width, 7, 7)
-            nn.Conv2d(3, width, kernel_size=8, stride=8), nn.ReLU(),  # 8x8 patches, as a ViT
+        self.convs = nn.Sequential(  # (N, 3, 84, 84) -> (N, width, 6, 6)
+            nn.Conv2d(3, width, kernel_size=PATCH, stride=PATCH), nn.ReLU(),  # patches, as a ViT
             nn.Conv2d(width, width, kernel_size=3, padding=1), nn.ReLU(),  # neighbouring patches
         )
-        self.image_head = nn.Linear(width * 7 * 7, 2 * width)
+        self.image_head = nn.Linear(width * GRID * GRID, 2 * width)
+        self.patch_positions = nn.Parameter(torch.zeros(GRID * GRID, width))
+        self.attention_query = nn.Linear(2 * width, width)
         self.word_embeddings = nn.Embedding(len(self.words), width, padding_idx=0)
         self.gru = nn.GRU(width, width, batch_first=True, bidirectional=True)
-        self.fuse = nn.Sequential(nn.Linear(4 * width, 2 * width), nn.ReLU(),
+        self.fuse = nn.Sequential(nn.Linear(5 * width, 2 * width), nn.ReLU(),
                                   nn.Linear(2 * width, embedding_dim))
 
     @classmethod
@@ -71,14 +75,31 @@ class TinyDualEmbedder(nn.Module):
     def device(self) -> torch.device:
         return self.image_head.weight.device
 
-    def _image_features(self, images: Sequence[Image.Image | None]) -> torch.Tensor:
-        features = torch.zeros(len(images), 2 * self.width, device=self.device)
+    def _patches(self, images: Sequence[Image.Image | None]) -> tuple[list[int], torch.Tensor]:
+        """Indices of the items that have an image, and their patch features (n, GRID², width)."""
         present = [i for i, image in enumerate(images) if image is not None]
+        if not present:
+            return present, torch.zeros(0, GRID * GRID, self.width, device=self.device)
+        pixels = np.stack([np.asarray(images[i].convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)),
+                                      dtype=np.float32) / 255.0 for i in present])
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device)  # (n, 3, 84, 84)
+        return present, self.convs(x).flatten(2).transpose(1, 2)  # (n, 36, width)
+
+    def _image_features(self, images, text: torch.Tensor) -> torch.Tensor:
+        """Whole-image features (2 width) and a text-directed look at the patches (width).
+
+        The text picks patches by attention ("what is in the top left" must read one cell);
+        a missing image contributes zeros.
+        """
+        features = torch.zeros(len(images), 3 * self.width, device=self.device)
+        present, patches = self._patches(images)
         if present:
-            pixels = np.stack([np.asarray(images[i].convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)),
-                                          dtype=np.float32) / 255.0 for i in present])
-            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device)  # (n, 3, 56, 56)
-            features[present] = self.image_head(self.convs(x).flatten(1))
+            whole = self.image_head(patches.flatten(1))  # (n, 2 width): position survives
+            keys = patches + self.patch_positions  # (n, 36, width)
+            query = self.attention_query(text[present])  # (n, width)
+            weights = torch.softmax(keys @ query[:, :, None] / self.width ** 0.5, dim=1)
+            looked_at = (weights * patches).sum(dim=1)  # (n, width)
+            features[present] = torch.cat([whole, looked_at], dim=1)
         return features
 
     def _text_features(self, texts: Sequence[str]) -> torch.Tensor:
@@ -100,7 +121,8 @@ class TinyDualEmbedder(nn.Module):
             raise ValueError(f"got {len(texts)} texts but {len(images)} images")
         if not texts:
             raise ValueError("empty batch: nothing to encode")
-        fused = torch.cat([self._image_features(images), self._text_features(texts)], dim=1)
+        text = self._text_features(texts)  # (N, 2 width)
+        fused = torch.cat([self._image_features(images, text), text], dim=1)  # (N, 5 width)
         return F.normalize(self.fuse(fused), dim=-1)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -11,7 +11,7 @@
 Real checkpoints load with `LmmEmbedder.from_pretrained(hub_id_or_dir)` (on a GPU machine, e.g.
 "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"). The CPU default, `default_model("tiny-qwen2-vl",
 vocabulary)`, is the same class over a ~0.7M-parameter Qwen2-VL built in code with an offline
-word-level tokenizer and 56x56 images (4 image tokens), small enough to train in minutes on a CPU.
+word-level tokenizer and 84x84 images (9 image tokens), small enough to train in minutes on a CPU.
 
 Example:
     from llave_kit.encoders import load_embedder
@@ -60,7 +60,11 @@ from llave_kit.data import IMAGE_PLACEHOLDER  # MMEB / VLM2Vec marker of the ima
 MODEL_NAMES = ("tiny-qwen2-vl", "tiny-llava-onevision")  # tiny configs of the real LMM classes
 TINY_DUAL = "tiny-dual"  # llave_kit.dual_encoder: fast two-tower model for CPU studies
 CPU_MODELS = (*MODEL_NAMES, TINY_DUAL)
-TINY_IMAGE_SIZE = 56  # working resolution of the tiny defaults: (56 / 14)^2 = 16 patches
+# Working resolutions of the tiny defaults. Qwen2-VL: 84 / 14 = 6 patches a side, merged 2 x 2 into
+# 3 x 3 image tokens, one per cell of the scenes' 3 x 3 grid (56 px gave 2 x 2 tokens, and the
+# position tasks stayed at chance). LLaVA-OneVision: 56 px, 16 patches per view.
+TINY_IMAGE_SIZE = 84
+TINY_LLAVA_IMAGE_SIZE = 56
 EMBEDDER_CONFIG = "embedder_config.json"  # the embedder's own settings, next to the HF files
 
 
@@ -426,7 +430,7 @@ def _tiny_qwen2_vl(vocabulary, hidden_size: int):
         video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
     )
-    pixels = TINY_IMAGE_SIZE * TINY_IMAGE_SIZE  # min = max: every image gets ~56x56 worth of pixels
+    pixels = TINY_IMAGE_SIZE * TINY_IMAGE_SIZE  # min = max: every image gets ~84x84 worth of pixels
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=14, merge_size=2,
         temporal_patch_size=2,
@@ -437,7 +441,7 @@ def _tiny_qwen2_vl(vocabulary, hidden_size: int):
 
 def _tiny_llava_onevision(vocabulary, hidden_size: int):
     tokenizer = build_word_tokenizer(vocabulary, _LLAVA_SPECIAL_TOKENS, _chat_template("<image>"))
-    side = TINY_IMAGE_SIZE
+    side = TINY_LLAVA_IMAGE_SIZE
     vision = SiglipVisionConfig(
         hidden_size=hidden_size // 2, intermediate_size=2 * hidden_size, num_hidden_layers=1,
         num_attention_heads=2, image_size=side, patch_size=14, vision_use_head=False,
@@ -460,16 +464,18 @@ def _tiny_llava_onevision(vocabulary, hidden_size: int):
 
 
 def default_model(name: str = "tiny-qwen2-vl", vocabulary: Iterable[str] | None = None,
-                  seed: int = 0, *, hidden_size: int = 128, freeze_vision: bool = True,
+                  seed: int = 0, *, hidden_size: int = 128, freeze_vision: bool = False,
                   dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None) -> LmmEmbedder:
     """The CPU default embedder, built in code with random weights (seeded), in eval mode.
 
     "tiny-qwen2-vl": Qwen2-VL, text hidden 128, 2 layers, 4 heads / 2 KV heads, MLP 512; vision
-    width 64, depth 1, 2 heads, patch 14, merge 2 (56x56 image -> 4 tokens); ~0.73M parameters.
+    width 64, depth 1, 2 heads, patch 14, merge 2 (84x84 image -> 9 tokens); ~0.73M parameters.
     "tiny-llava-onevision": LLaVA-OneVision, same text model, a 1-layer SigLIP at 56x56 and grid
     pinpoints [[56, 56]] (base view + one crop, ~36 image tokens); ~0.61M parameters.
-    `hidden_size` scales both (tests use 32). `vocabulary`: words or sentences the tokenizer should
+    `hidden_size` scales both (tests use 32). The vision tower trains by default: LLaVE freezes a
+    *pre-trained* tower, and a randomly initialised one that is frozen can learn nothing
+    (`freeze_vision=True` follows LLaVE once a checkpoint's tower is trained). `vocabulary`: words or sentences the tokenizer should
     know (see `build_word_tokenizer`); None takes `llave_kit.data.scenes_vocabulary()`.
     """
     builders = {"tiny-qwen2-vl": _tiny_qwen2_vl, "tiny-llava-onevision": _tiny_llava_onevision}

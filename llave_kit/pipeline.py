@@ -19,7 +19,16 @@ declare `output_dir` / `figures_dir` parameters receive `runs/<pipeline>/<run>/`
 `figures/<pipeline>/<run>/`; `{runs_dir}` and `{figures_dir}` in string parameters expand to the
 pipeline's folders, so a run can read what an earlier one wrote. Notebooks report numbers with
 `record_metrics({...})`; the summary (`figures/<pipeline>/summary.md`) reads them back from the
-executed notebooks, next to each run's figures.
+executed notebooks, next to each run's figures, and `summary.json` beside it holds the same
+statuses and metrics for programs:
+
+    {"pipeline": name, "finished": ISO time, "counts": {"ran": n, "cached": n, "failed": n,
+     "blocked": n}, "runs": {run: {"status", "seconds", "notebook", "error" (or null),
+     "metrics": {...} (as read_metrics returns them; {} unless the run succeeded)}}}
+
+Non-finite floats among the metrics are written as null, so the file is strict JSON. (Jupyter's
+messaging currently turns a recorded nan/inf into the string "nan"/"inf" before it reaches the
+notebook; such strings stay as they are, in both summaries.)
 
 Guarantees:
 - parameter names a notebook does not declare are rejected before anything runs;
@@ -28,19 +37,20 @@ Guarantees:
 - a failed run keeps its executed copy with the error, stops the runs that depend on it, and the
   summary says so;
 - figures are written to a staging folder and moved into place only when their run succeeds, and
-  the summary is replaced atomically at the end, so a killed pipeline leaves nothing half-written
+  the summaries are replaced atomically at the end, so a killed pipeline leaves nothing half-written
   presented as complete.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import nbformat
@@ -51,7 +61,7 @@ from llave_kit.data import write_text
 METRICS_MIME = "application/vnd.llave-kit.metrics+json"
 RUN_KEYS = {"name", "notebook", "parameters", "grid", "depends_on"}
 PIPELINE_KEYS = {"name", "defaults", "runs"}
-AUTOMATIC_PARAMETERS = ("output_dir", "figures_dir")
+STATUSES = ("ran", "cached", "failed", "blocked")
 
 
 def record_metrics(metrics: dict) -> None:
@@ -278,11 +288,12 @@ def _execute(pipeline: Pipeline, run: Run, parameters: dict, declared: set[str],
 
 def run_pipeline(pipeline: Pipeline, force: bool = False, log=None) -> list[Outcome]:
     """Execute every run in order (skipping unchanged successes unless `force`), then summarise."""
-    log = log or functools.partial(print)
+    log = log or print
     check_parameters(pipeline)
     pipeline.runs_dir.mkdir(parents=True, exist_ok=True)
-    summary = pipeline.figures_dir / "summary.md"
-    summary.unlink(missing_ok=True)  # until this invocation finishes, no summary claims to be current
+    summary, summary_json = pipeline.figures_dir / "summary.md", pipeline.figures_dir / "summary.json"
+    for path in (summary, summary_json):  # until this invocation finishes, none claims to be current
+        path.unlink(missing_ok=True)
     outcomes: dict[str, Outcome] = {}
     for run in pipeline.runs:
         upstream = [outcomes[dep.name] for group in run.depends_on for dep in pipeline.group(group)]
@@ -305,8 +316,11 @@ def run_pipeline(pipeline: Pipeline, force: bool = False, log=None) -> list[Outc
         log(f"[{pipeline.name}] {run.name}: {outcome.status}"
             + (f" in {outcome.seconds:.0f}s" if outcome.status == "ran" else "")
             + (f" ({outcome.error})" if outcome.error else ""))
-    write_text(summary, render_summary(pipeline, list(outcomes.values())))
-    log(f"[{pipeline.name}] summary: {summary}")
+    finished = datetime.now().astimezone()
+    record = summary_record(pipeline, list(outcomes.values()), finished)
+    write_text(summary_json, json.dumps(record, indent=1, allow_nan=False) + "\n")
+    write_text(summary, render_summary(pipeline, list(outcomes.values()), finished))
+    log(f"[{pipeline.name}] summary: {summary} ({summary_json.name} beside it)")
     return list(outcomes.values())
 
 
@@ -328,11 +342,45 @@ def _format(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def render_summary(pipeline: Pipeline, outcomes: list[Outcome]) -> str:
+def _counts(outcomes: list[Outcome]) -> dict[str, int]:
+    return {s: sum(o.status == s for o in outcomes) for s in STATUSES}
+
+
+def _metrics(pipeline: Pipeline, outcome: Outcome) -> dict:
+    """A run's recorded metrics; {} unless it succeeded (a blocked run's notebook is an old one)."""
+    executed = pipeline.runs_dir / f"{outcome.run.name}.ipynb"
+    return read_metrics(executed) if outcome.succeeded and executed.exists() else {}
+
+
+def _strict_json(value):
+    """`value` with every non-finite float (nan, inf) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_strict_json(item) for item in value]
+    return value
+
+
+def summary_record(pipeline: Pipeline, outcomes: list[Outcome],
+                   finished: datetime | None = None) -> dict:
+    """What summary.json holds (layout in the module docstring)."""
+    finished = finished or datetime.now().astimezone()
+    runs = {o.run.name: {"status": o.status, "seconds": round(o.seconds, 2),
+                         "notebook": o.run.notebook.as_posix(), "error": o.error,
+                         "metrics": _strict_json(_metrics(pipeline, o))} for o in outcomes}
+    return {"pipeline": pipeline.name, "finished": finished.isoformat(timespec="seconds"),
+            "counts": _counts(outcomes), "runs": runs}
+
+
+def render_summary(pipeline: Pipeline, outcomes: list[Outcome],
+                   finished: datetime | None = None) -> str:
     """Markdown: a status table, then each run's metrics (read from its notebook) and figures."""
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("ran", "cached", "failed", "blocked")}
+    counts = _counts(outcomes)
+    finished = finished or datetime.now().astimezone()
     lines = [f"# Pipeline `{pipeline.name}`", "",
-             f"Finished {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+             f"Finished {finished.strftime('%Y-%m-%d %H:%M:%S')}: "
              + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".", "",
              "| run | notebook | status | seconds |", "|---|---|---|---|"]
     for o in outcomes:
@@ -344,7 +392,7 @@ def render_summary(pipeline: Pipeline, outcomes: list[Outcome]) -> str:
         if executed.exists():
             lines.append(f"Executed notebook: `{executed.relative_to(pipeline.root)}`")
         if o.succeeded:
-            metrics = _flatten(read_metrics(executed))
+            metrics = _flatten(_metrics(pipeline, o))
             if metrics:
                 lines += ["", "| metric | value |", "|---|---|"]
                 lines += [f"| {k} | {_format(v)} |" for k, v in metrics.items()]

@@ -41,16 +41,15 @@ from llave_kit.data import (
     write_text,
 )
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star", "hexagon")
+SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230),
-    "yellow": (240, 220, 40), "purple": (150, 60, 200), "orange": (245, 140, 30),
-    "pink": (250, 130, 200), "white": (240, 240, 240),
+    "yellow": (240, 220, 40), "purple": (150, 60, 200), "white": (240, 240, 240),
 }
-SIZES = {"small": 0.6, "medium": 0.8, "large": 1.0}  # radius, as a share of the largest that fits
+SIZES = {"small": 0.55, "large": 1.0}  # radius, as a share of the largest that fits
 POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
              "bottom left", "bottom middle", "bottom right")  # cells in row-major order
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 BACKGROUND = (28, 28, 28)
 
 QUERIES = {
@@ -476,7 +475,7 @@ def make_scenes_dataset(
     num_candidates: int = 16,
     hard_fractions: dict[str, float] | None = None,
     train_hard_negatives: bool = False,
-    image_size: int = 56,
+    image_size: int = 84,
     tasks: list[str] | None = None,
     seed: int = 0,
     overwrite: bool = False,

@@ -5,6 +5,7 @@ against the attributes (colours, connected components, cells), answer texts spel
 sklearn's own digit images and labels, and an attribute diff written here, not the generator's.
 """
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -546,3 +547,105 @@ def test_digit_captions_match_sklearn_labels(digits_folder):
     assert np.array_equal(np.bincount([lab["label"] for lab in labels]), np.bincount(digits.target))
     for lab in labels[::97]:
         assert digit_of(lab["image_path"]) == lab["label"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The decoded-image cache
+
+
+@pytest.fixture
+def opens(monkeypatch):
+    """A fresh 1 MiB image cache, and the paths PIL.Image.open is called with."""
+    monkeypatch.setattr(data, "IMAGE_CACHE", data.ImageCache(2**20))
+    calls, real_open = [], Image.open
+
+    def counting_open(path, *args, **kwargs):
+        calls.append(Path(path).name)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    return calls
+
+
+def solid(path: Path, colour, size=(8, 8)) -> Path:
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_an_image_is_decoded_once_per_process(tmp_path, opens):
+    path = solid(tmp_path / "a.png", (255, 0, 0))
+    (tmp_path / "d.jsonl").write_text(train_line(qry_image_path="a.png") + "\n")
+    ds = TrainPairDataset(tmp_path / "d.jsonl", tmp_path)  # the up-front check decodes it
+    items = [ds[0], ds[0], data.load_image(path)]
+    assert opens == ["a.png"]
+    assert all(pixels(path).tolist() == np.asarray(it).tolist()
+               for it in (items[0]["query_image"], items[1]["query_image"], items[2]))
+    assert items[0]["query_image"] is not items[1]["query_image"]
+    assert (data.IMAGE_CACHE.hits, data.IMAGE_CACHE.misses) == (3, 1)
+
+
+def test_a_rewritten_file_is_decoded_again(tmp_path, opens):
+    path = solid(tmp_path / "a.png", (255, 0, 0))
+    assert np.asarray(data.load_image(path))[0, 0].tolist() == [255, 0, 0]
+    before = path.stat().st_mtime_ns
+    solid(path, (0, 0, 255))  # same size and inode; the clock may not have ticked, so:
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+    assert np.asarray(data.load_image(path))[0, 0].tolist() == [0, 0, 255]
+    assert opens == ["a.png", "a.png"] and len(data.IMAGE_CACHE) == 1  # the old entry is gone
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=f"here:3: image not found: {re.escape(str(path))}"):
+        data.load_image(path, "here:3")
+
+
+def test_the_budget_evicts_least_recently_used_images(tmp_path, opens):
+    one_image = 8 * 8 * 4  # RGB is stored 4 bytes a pixel
+    data.IMAGE_CACHE.set_budget(2 * one_image)
+    a, b, c = (solid(tmp_path / f"{n}.png", (i, 0, 0)) for i, n in enumerate("abc"))
+    for path in (a, b, a, c):  # a was used after b, so c pushes b out
+        data.load_image(path)
+    assert opens == ["a.png", "b.png", "c.png"] and data.IMAGE_CACHE.nbytes == 2 * one_image
+    for path in (a, c, b):
+        data.load_image(path)
+    assert opens == ["a.png", "b.png", "c.png", "b.png"]  # b was decoded again, evicting a
+    data.load_image(solid(tmp_path / "big.png", (0, 0, 0), size=(32, 32)))  # over the budget
+    assert len(data.IMAGE_CACHE) == 2 and data.IMAGE_CACHE.nbytes == 2 * one_image
+    data.IMAGE_CACHE.set_budget(one_image)  # shrinking evicts too
+    assert len(data.IMAGE_CACHE) == 1
+
+
+def test_zero_budget_disables_the_cache(tmp_path, opens, monkeypatch):
+    monkeypatch.setenv(data.IMAGE_CACHE_ENV, "0")
+    monkeypatch.setattr(data, "IMAGE_CACHE", data.ImageCache.from_environment())
+    path = solid(tmp_path / "a.png", (255, 0, 0))
+    data.load_image(path), data.load_image(path)
+    assert opens == ["a.png", "a.png"] and len(data.IMAGE_CACHE) == 0
+    monkeypatch.setenv(data.IMAGE_CACHE_ENV, "1.5")
+    assert data.ImageCache.from_environment().max_bytes == 3 * 2**19
+    monkeypatch.delenv(data.IMAGE_CACHE_ENV)
+    assert data.ImageCache.from_environment().max_bytes == 512 * 2**20
+    for bad in ("-1", "lots", "nan"):
+        monkeypatch.setenv(data.IMAGE_CACHE_ENV, bad)
+        with pytest.raises(ValueError, match="LLAVE_KIT_IMAGE_CACHE_MB"):
+            data.ImageCache.from_environment()
+
+
+def test_changing_a_loaded_image_does_not_change_the_next_one(tmp_path, opens):
+    path = solid(tmp_path / "a.png", (255, 0, 0))
+    first = data.load_image(path)
+    first.paste((0, 255, 0), (0, 0, 8, 8))
+    first.info["scribbled"] = True
+    second = data.load_image(path)
+    assert np.asarray(second)[0, 0].tolist() == [255, 0, 0] and "scribbled" not in second.info
+    assert opens == ["a.png"]
+
+
+def test_cached_loads_keep_their_error_messages(tmp_path, opens):
+    make_images(tmp_path)
+    for name, error, message in [("missing.png", FileNotFoundError, "image not found: "),
+                                 ("garbage.png", ValueError, "unreadable image "),
+                                 ("truncated.png", ValueError, "unreadable image ")]:
+        for _ in range(2):  # a failed decode is not cached
+            expected = f"^d.jsonl:7: {message}{re.escape(str(tmp_path / name))}"
+            with pytest.raises(error, match=expected):
+                data.load_image(tmp_path / name, "d.jsonl:7")
+    assert len(data.IMAGE_CACHE) == 0

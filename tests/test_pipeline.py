@@ -5,7 +5,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from llave_kit.pipeline import PipelineError, load_pipeline, read_metrics, run_pipeline
+from llave_kit.pipeline import (
+    METRICS_MIME, Outcome, Pipeline, PipelineError, Run, load_pipeline, read_metrics, run_pipeline,
+    summary_record,
+)
 
 PRODUCER = [
     ("value = 1\nfail = False\noutput_dir = 'unset'\nfigures_dir = 'unset'", ["parameters"]),
@@ -21,6 +24,11 @@ PRODUCER = [
      "plt.plot([0, value]); plt.savefig(os.path.join(figures_dir, 'line.png'))", []),
     ("from llave_kit.pipeline import record_metrics\n"
      "record_metrics({'value': value, 'squared': {'of_value': value ** 2 + 0.5}})", []),
+]
+MIXED_METRICS = [  # nested and non-float values, as a notebook may record them
+    ("from llave_kit.pipeline import record_metrics\n"
+     "record_metrics({'p_at_1': {'hard': 0.25, 'random': 0.75}, 'curve': [1.5, 0.5], 'steps': 3,\n"
+     "                'loss_name': 'weighted', 'done': True, 'best': None})", []),
 ]
 CONSUMER = [
     ("source = 'unset'", ["parameters"]),
@@ -65,6 +73,10 @@ def statuses(outcomes):
     return {outcome.run.name: outcome.status for outcome in outcomes}
 
 
+def summary_json(root: Path, pipeline="demo") -> dict:
+    return json.loads((root / "figures" / pipeline / "summary.json").read_text())
+
+
 def test_runs_skip_when_unchanged_and_summary_holds_metrics_from_the_notebooks(project):
     pipeline = load_pipeline(write_pipeline(project), root=project)
     first = run_pipeline(pipeline, log=lambda message: None)
@@ -79,9 +91,20 @@ def test_runs_skip_when_unchanged_and_summary_holds_metrics_from_the_notebooks(p
     summary = (project / "figures" / "demo" / "summary.md").read_text()
     assert "| squared.of_value | 9.5 |" in summary and "| read | 3 |" in summary
     assert "![line](make/line.png)" in summary
+    record = summary_json(project)
+    assert record["pipeline"] == "demo" and record["counts"] == {
+        "ran": 4, "cached": 0, "failed": 0, "blocked": 0}
+    assert {name: run["status"] for name, run in record["runs"].items()} == statuses(first)
+    for name, run in record["runs"].items():
+        assert run["metrics"] == read_metrics(project / "runs" / "demo" / f"{name}.ipynb")
+        assert run["error"] is None and run["seconds"] > 0
+    assert record["runs"]["make"]["notebook"] == "notebooks/producer.ipynb"
 
     second = run_pipeline(pipeline, log=lambda message: None)
     assert set(statuses(second).values()) == {"cached"}
+    record = summary_json(project)  # rewritten: cached runs keep their recorded metrics
+    assert record["counts"]["cached"] == 4 and record["runs"]["make"]["status"] == "cached"
+    assert record["runs"]["make"]["metrics"] == {"value": 3, "squared": {"of_value": 9.5}}
     forced = run_pipeline(pipeline, force=True, log=lambda message: None)
     assert set(statuses(forced).values()) == {"ran"}
 
@@ -157,6 +180,7 @@ def test_an_interrupted_run_leaves_nothing_that_passes_for_current(project, monk
     run_pipeline(load_pipeline(path, root=project), log=lambda message: None)
     figures = project / "figures" / "demo"
     assert (figures / "make" / "line.png").exists() and (figures / "summary.md").exists()
+    assert (figures / "summary.json").exists()
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # what a Ctrl-C or kill during a notebook looks like here
@@ -164,7 +188,7 @@ def test_an_interrupted_run_leaves_nothing_that_passes_for_current(project, monk
     monkeypatch.setattr(papermill, "execute_notebook", killed)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(load_pipeline(path, root=project), force=True, log=lambda message: None)
-    assert not (figures / "summary.md").exists()
+    assert not (figures / "summary.md").exists() and not (figures / "summary.json").exists()
     assert not (figures / "make").exists()
     monkeypatch.undo()
     again = run_pipeline(load_pipeline(path, root=project), log=lambda message: None)
@@ -189,3 +213,56 @@ def test_a_dead_kernel_fails_its_run_and_the_pipeline_goes_on(project, monkeypat
                                   "sweep-value2": "failed"}
     summary = (project / "figures" / "demo" / "summary.md").read_text()
     assert "Status: **failed** — RuntimeError: Kernel died before replying" in summary
+
+
+def test_summary_json_holds_the_recorded_metrics_statuses_and_errors(project):
+    from datetime import datetime
+
+    write_notebook(project / "notebooks" / "mixed.ipynb", MIXED_METRICS)
+    spec = {"name": "mixed",
+            "runs": [{"name": "mixed", "notebook": "notebooks/mixed.ipynb"},
+                     {"name": "broken", "notebook": "notebooks/producer.ipynb",
+                      "parameters": {"fail": True}},
+                     {"name": "after", "notebook": "notebooks/consumer.ipynb",
+                      "depends_on": ["broken"], "parameters": {"source": "x"}}]}
+    path = project / "mixed.yaml"
+    path.write_text(json.dumps(spec))
+    outcomes = run_pipeline(load_pipeline(path, root=project), log=lambda message: None)
+    assert statuses(outcomes) == {"mixed": "ran", "broken": "failed", "after": "blocked"}
+
+    record = summary_json(project, "mixed")
+    assert record["pipeline"] == "mixed"
+    assert datetime.fromisoformat(record["finished"]).tzinfo is not None
+    assert record["counts"] == {"ran": 1, "cached": 0, "failed": 1, "blocked": 1}
+    mixed = record["runs"]["mixed"]
+    assert mixed["metrics"] == read_metrics(project / "runs" / "mixed" / "mixed.ipynb") == {
+        "p_at_1": {"hard": 0.25, "random": 0.75}, "curve": [1.5, 0.5], "steps": 3,
+        "loss_name": "weighted", "done": True, "best": None}
+    assert (mixed["status"], mixed["notebook"], mixed["error"]) == (
+        "ran", "notebooks/mixed.ipynb", None)
+    assert record["runs"]["broken"] == {
+        "status": "failed", "seconds": record["runs"]["broken"]["seconds"],
+        "notebook": "notebooks/producer.ipynb", "error": "RuntimeError: asked to fail",
+        "metrics": {}}
+    assert record["runs"]["after"] == {"status": "blocked", "seconds": 0.0,
+                                       "notebook": "notebooks/consumer.ipynb",
+                                       "error": "not run: broken did not succeed", "metrics": {}}
+
+
+def test_summary_json_writes_non_finite_metrics_as_null(tmp_path):
+    # Jupyter's transport currently turns nan/inf into strings; a notebook written by other
+    # means can still hold real non-finite floats, and summary.json must stay strict JSON.
+    run = Run("r", Path("nb.ipynb"), {}, "r")
+    pipeline = Pipeline("p", [run], tmp_path)
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells.append(nbformat.v4.new_code_cell("", outputs=[nbformat.v4.new_output(
+        "display_data", data={METRICS_MIME: {"loss": float("nan"), "ok": 0.5,
+                                             "by_level": {"hard": float("inf")},
+                                             "curve": [1.0, float("-inf")]}})]))
+    pipeline.runs_dir.mkdir(parents=True)
+    nbformat.write(notebook, str(pipeline.runs_dir / "r.ipynb"))
+    record = summary_record(pipeline, [Outcome(run, "ran", 1.234)])
+    text = json.dumps(record, allow_nan=False)  # raises on a nan left behind
+    assert json.loads(text)["runs"]["r"] == {
+        "status": "ran", "seconds": 1.23, "notebook": "nb.ipynb", "error": None,
+        "metrics": {"loss": None, "ok": 0.5, "by_level": {"hard": None}, "curve": [1.0, None]}}
