@@ -2,6 +2,7 @@
 
     python -m llave_kit run-pipeline pipelines/cpu_demo.yaml [--force] [--set steps=50 ...]
     python -m llave_kit describe-mmeb data/mmeb      # write manifest.json for an MMEB folder
+    python -m llave_kit pretrain configs/pretrain_tiny_dual.yaml checkpoints/tiny-dual-scenes
 """
 from __future__ import annotations
 
@@ -40,6 +41,16 @@ def _describe_mmeb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    import json
+
+    from llave_kit.studies import pretrain
+
+    card = pretrain(args.recipe, args.out, work_dir=args.work_dir)
+    print(json.dumps({key: card[key] for key in ("train_seconds", "p@1")}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llave-kit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("folder", help="folder with train/ and/or eval/ MMEB files")
     describe.add_argument("--image-root", default=".", help="images folder, relative to FOLDER")
     describe.set_defaults(handler=_describe_mmeb)
+    pretrain = commands.add_parser("pretrain", help="make a starting checkpoint by a recipe file")
+    pretrain.add_argument("recipe", help="e.g. configs/pretrain_tiny_dual.yaml")
+    pretrain.add_argument("out", help="folder to write the checkpoint to, e.g. checkpoints/NAME")
+    pretrain.add_argument("--work-dir", default="runs/pretrain", help="data and training runs")
+    pretrain.set_defaults(handler=_pretrain)
     return parser
 
 

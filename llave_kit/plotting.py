@@ -4,7 +4,8 @@
   model or condition (InfoNCE vs weighted, before vs after), annotated with overlap and AUROC.
 - `plot_similarity_bars`: LLaVE's Table 1 as grouped bars (positive / hard / easy per model).
 - `plot_gradient_share`: each negative's share of the gradient against its similarity.
-- `plot_alpha_sweep`: metrics against alpha, mean +- std over seeds.
+- `plot_intervals`: means with 95 % CIs per arm or per alpha (bootstrap over seeds and queries).
+- `plot_effects`: a forest plot of the paper's readings, each difference with its CI and verdict.
 - `plot_metric_bars`: grouped bars, e.g. P@1 per meta-task and model, or clustering scores.
 - `plot_projection`: 2-D projections (`evaluation.project_2d`) coloured by label.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -224,30 +226,67 @@ def plot_gradient_share(
     return fig
 
 
-def plot_alpha_sweep(
-    results, metrics: Sequence[str] = ("p@1",), x: str = "alpha", hue: str | None = None
-) -> Figure:
-    """Metrics against alpha (or any `x`), mean +- sample std over seeds, one panel per metric.
+CI_NOTE = "bars: 95 % CI, bootstrap over seeds and queries"
+VERDICT_COLORS = {"reproduced": PALETTE[2], "contradicted": PALETTE[3],
+                  "inconclusive": PALETTE[7]}
 
-    results: DataFrame or records with one row per run (setting x seed): columns `x`, each metric
-    and optionally `hue` (e.g. "temperature": one line per value). The number of seeds per point
-    is the number of rows sharing (hue, x); one seed gives no error bar.
+
+def plot_intervals(
+    table, x: str, hue: str | None = None, panel: str = "metric", connect: bool = False,
+    title: str = "",
+) -> Figure:
+    """Means with 95 % confidence intervals, one panel per `panel` value (e.g. per metric).
+
+    table: rows with columns `x`, "mean", "ci_low", "ci_high", `panel` and optionally `hue`
+    (e.g. `studies.arm_intervals`). `connect` joins points along a numeric x (an alpha sweep).
+    Each panel's y range fits its intervals, so small differences stay visible: read the axis.
     """
-    frame = _as_frame(results, [x, *metrics] + ([hue] if hue else []))
-    series = frame.groupby(hue, sort=True) if hue else [(None, frame)]
+    frame = _as_frame(table, [x, panel, "mean", "ci_low", "ci_high"] + ([hue] if hue else []))
+    panels = list(dict.fromkeys(frame[panel]))
+    series = list(frame.groupby(hue, sort=False)) if hue else [(None, frame)]
+    offsets = np.linspace(-0.15, 0.15, len(series)) if len(series) > 1 and not connect else \
+        np.zeros(len(series))
     with matplotlib.rc_context(style_rc()):
-        fig, axes = _panel_grid(len(metrics), size=(4.2, 3.2))
-        for name, rows in series:
-            summary = rows.groupby(x)[list(metrics)].agg(["mean", "std"]).fillna(0.0)
-            label = None if name is None else f"{hue} = {name}"
-            for ax, metric in zip(axes, metrics):
-                ax.errorbar(summary.index.to_numpy(), summary[(metric, "mean")].to_numpy(),
-                            yerr=summary[(metric, "std")].to_numpy(), marker="o", capsize=3,
+        fig, axes = _panel_grid(len(panels), ncols=min(3, len(panels)))
+        for ax, name in zip(axes, panels):
+            for offset, (label, rows) in zip(offsets, series):
+                rows = rows[rows[panel] == name]
+                positions = rows[x].to_numpy(dtype=float) if connect else \
+                    np.array([list(dict.fromkeys(frame[x])).index(v) for v in rows[x]], float)
+                mean, low, high = (rows[c].to_numpy(dtype=float) for c in ("mean", "ci_low", "ci_high"))
+                ax.errorbar(positions + offset, mean, yerr=np.stack([mean - low, high - mean]),
+                            marker="o", capsize=4, linestyle="-" if connect else "none",
                             label=label)
-        for ax, metric in zip(axes, metrics):
-            ax.set(xlabel=x, ylabel=metric, title=f"{metric} vs {x}")
+            if not connect:
+                categories = list(dict.fromkeys(frame[x]))
+                ax.set_xticks(range(len(categories)), categories, rotation=20, ha="right")
+            ax.set(title=str(name), xlabel=x if connect else "")
+        fig.suptitle(f"{title}\n{CI_NOTE}" if title else CI_NOTE, fontsize="medium")
         if hue:
-            axes[0].legend(fontsize="small")
+            _shared_legend(fig, axes)
+    return fig
+
+
+def plot_effects(effects, title: str = "") -> Figure:
+    """A forest plot: each reading's estimate and 95 % CI against 0, coloured by its verdict.
+
+    effects: rows with "reading", "estimate", "ci_low", "ci_high", "verdict"
+    (`studies.paper_readings`). Readings measure different things (P@1, similarity, AUROC), so
+    each row is read against 0, not against the others.
+    """
+    frame = _as_frame(effects, ["reading", "estimate", "ci_low", "ci_high", "verdict"])
+    with matplotlib.rc_context(style_rc()):
+        fig, (ax,) = _panel_grid(1, size=(7.5, 0.55 * len(frame) + 1.4))
+        y = np.arange(len(frame))[::-1]
+        for yi, row in zip(y, frame.to_dict("records")):
+            color = VERDICT_COLORS.get(row["verdict"], PALETTE[7])
+            ax.plot([row["ci_low"], row["ci_high"]], [yi, yi], color=color, linewidth=3)
+            ax.plot(row["estimate"], yi, "o", color=color)
+            ax.annotate(row["verdict"], (1.01, yi), xycoords=("axes fraction", "data"),
+                        va="center", fontsize="small", color=color)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(y, [textwrap.fill(r, 48) for r in frame["reading"]], fontsize="small")
+        ax.set(xlabel="estimate (difference), 95 % CI", title=title or "The paper's readings")
     return fig
 
 

@@ -11,28 +11,45 @@ control) are lists of *variants*: dicts of TrainConfig fields plus a "label", ru
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from llave_kit.analysis import overlap_metrics, similarity_stats
-from llave_kit.data import DatasetInfo, load_image, load_manifest, make_digits_dataset
+from llave_kit.data import (
+    DatasetInfo, load_image, load_manifest, make_digits_dataset, staged_directory, write_text,
+)
 from llave_kit.encoders import CPU_MODELS, LmmEmbedder, load_embedder
 from llave_kit.evaluation import (
     candidate_list_metrics, embed_eval_dataset, embed_in_batches, model_fingerprint,
+    positive_ranks,
 )
 from llave_kit.scenes import make_scenes_dataset
+from llave_kit.statistics import (
+    VERDICTS, Interval, Statistic, auroc_of, bootstrap_ci, compound_verdict, difference, mean_of,
+    verdict,
+)
 from llave_kit.train import TrainConfig, TrainResult, train
 
 BUILT_IN_DATA = ("scenes", "digits")
 
 
-def load_data(data: str, data_dir: str | Path | None = None, **generator_parameters) -> DatasetInfo:
-    """A built-in data set ("scenes", "digits"; generated once into `data_dir`) or an MMEB folder."""
+def load_data(data: str, data_dir: str | Path | None = None, *, n_train: int | None = None,
+              n_eval: int | None = None, **generator_parameters) -> DatasetInfo:
+    """A built-in data set ("scenes", "digits"; generated once into `data_dir`) or an MMEB folder.
+
+    n_train / n_eval size the scenes data (pairs and eval queries per task); the digits set and
+    a folder are read as they are, so notebooks pass the same parameters whatever `data` is.
+    """
     if data == "scenes":
-        return make_scenes_dataset(_required(data_dir, data), **generator_parameters)
+        sizes = {k: v for k, v in (("n_train", n_train), ("n_eval", n_eval)) if v is not None}
+        return make_scenes_dataset(_required(data_dir, data), **sizes, **generator_parameters)
     if data == "digits":
         return make_digits_dataset(_required(data_dir, data), **generator_parameters)
     if generator_parameters:
@@ -64,8 +81,60 @@ def train_embedder(
     return embedder, result
 
 
+def pretrain(recipe_file: str | Path, out_dir: str | Path, work_dir: str | Path = "runs/pretrain",
+             ) -> dict:
+    """Make a starting checkpoint by a recipe file (configs/pretrain_*.yaml) and ship it.
+
+    The recipe names a scenes draw (`data`: generator parameters) and TrainConfig fields
+    (`train`, with `model`). The trained model lands in `out_dir` in one rename, with
+    pretraining.json beside it: the recipe, the training time, the torch build and thread count
+    (CPU results are reproducible for a fixed pair), and P@1 per task on hard and random lists.
+    """
+    import time
+
+    import torch
+    import yaml
+
+    recipe = yaml.safe_load(Path(recipe_file).read_text())
+    unknown = sorted(set(recipe) - {"name", "data", "train"})
+    if unknown or "model" not in recipe.get("train", {}):
+        raise ValueError(f"{recipe_file}: expected keys name, data, train (with train.model); "
+                         f"unexpected {unknown}")
+    work = Path(work_dir)
+    data = load_data("scenes", work / f"data-seed{recipe['data'].get('seed', 0)}", **recipe["data"])
+    train_parameters = dict(recipe["train"])
+    model_name = train_parameters.pop("model")
+    started = time.perf_counter()
+    model, result = train_embedder(model_name, data, work / recipe["name"], overwrite=True,
+                                   **train_parameters)
+    seconds = time.perf_counter() - started
+    table = evaluate_embedder(model, data, levels=("hard", "random"))
+    card = {"recipe": recipe, "recipe_file": Path(recipe_file).as_posix(),
+            "train_seconds": round(seconds, 1), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "final_loss": result.history[-1]["loss"],
+            "p@1": table.groupby("level")["p@1"].mean().round(4).to_dict(),
+            "p@1_by_task": {level: rows.set_index("task")["p@1"].round(4).to_dict()
+                            for level, rows in table.groupby("level")}}
+    with staged_directory(out_dir, overwrite=True) as stage:
+        shutil.copytree(result.final_model_path, stage, dirs_exist_ok=True)
+        write_text(stage / "pretraining.json", json.dumps(card, indent=1) + "\n")
+    return card
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation
+
+
+def _embedded_tasks(model, data: DatasetInfo, levels: Iterable[str], tasks, cache_dir):
+    """(task, level, query (Q, D), candidate (Q, C, D) embeddings) of every eval file present."""
+    model_key = model_fingerprint(model) if cache_dir is not None else None  # hash weights once
+    for task in tasks or data.tasks:
+        for level in levels:
+            if level in data.levels(task):
+                queries, candidates = embed_eval_dataset(
+                    model, data.eval_dataset(task, level), batch_size=128, cache_dir=cache_dir,
+                    model_key=model_key, progress=False)
+                yield task, level, queries, candidates
 
 
 def evaluate_tasks(
@@ -74,25 +143,19 @@ def evaluate_tasks(
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """One embedding pass per (task, level) that has an eval file; returns both
     `evaluate_embedder`'s table and `similarity_pools`' samples (pooled over every row)."""
-    model_key = model_fingerprint(model) if cache_dir is not None else None  # hash weights once
+    levels = list(levels)
     rows, pools = [], {"positive": [], "hard": [], "easy": []}
-    for task in tasks or data.tasks:
-        for level in levels:
-            if level not in data.levels(task):
-                continue
-            queries, candidates = embed_eval_dataset(
-                model, data.eval_dataset(task, level), batch_size=128, cache_dir=cache_dir,
-                model_key=model_key, progress=False)
-            row = {"task": task, "meta_task": data.meta_task(task), "level": level,
-                   **candidate_list_metrics(queries, candidates)}
-            if candidates.shape[1] > 1:  # Table-1 statistics need at least one wrong candidate
-                stats = similarity_stats(queries, candidates, k=min(k, candidates.shape[1] - 1))
-                row.update(stats.as_dict())
-                for role, values in stats.distributions().items():
-                    pools[role].append(values)
-            rows.append(row)
+    for task, level, queries, candidates in _embedded_tasks(model, data, levels, tasks, cache_dir):
+        row = {"task": task, "meta_task": data.meta_task(task), "level": level,
+               **candidate_list_metrics(queries, candidates)}
+        if candidates.shape[1] > 1:  # Table-1 statistics need at least one wrong candidate
+            stats = similarity_stats(queries, candidates, k=min(k, candidates.shape[1] - 1))
+            row.update(stats.as_dict())
+            for role, values in stats.distributions().items():
+                pools[role].append(values)
+        rows.append(row)
     if not rows:
-        raise ValueError(f"{data.root}: no eval files for levels {list(levels)} in tasks "
+        raise ValueError(f"{data.root}: no eval files for levels {levels} in tasks "
                          f"{list(tasks or data.tasks)}")
     return pd.DataFrame(rows), {role: np.concatenate(v) if v else np.empty(0)
                                 for role, v in pools.items()}
@@ -111,13 +174,10 @@ def similarity_pools(model, data: DatasetInfo, level: str = "hard",
     return evaluate_tasks(model, data, (level,), tasks, cache_dir, k)[1]
 
 
-def separation_summary(pools: dict[str, np.ndarray]) -> dict[str, float]:
-    """Table-1 means and the overlap of positives with hard negatives, for one model."""
-    overlap = overlap_metrics(pools["positive"], pools["hard"]).as_dict()
-    return {"positive": float(pools["positive"].mean()), "hard": float(pools["hard"].mean()),
-            "easy": float(pools["easy"].mean()),
-            "gap": float(pools["positive"].mean() - pools["hard"].mean()),
-            "overlap": overlap["overlap"], "auroc": overlap["auroc"]}
+def pooled_distributions(scores: Sequence["QueryScores"]) -> dict[str, np.ndarray]:
+    """{positive, hard, easy} similarities of every seed's runs, flat (for histograms)."""
+    return {role: np.concatenate([getattr(run, role).ravel() for run in scores])
+            for role in ("positive", "hard", "easy")}
 
 
 def hardest_failures(model, data: DatasetInfo, task: str, level: str = "hard", n: int = 6,
@@ -204,55 +264,250 @@ def ablation_ladder_variants(batch_size: int, pool_factor: int, alpha: float,
     return [{**rung, "temperature": temperature} for rung in rungs]
 
 
-def run_variants(
-    variants: Sequence[dict], model: str, data: DatasetInfo, output_root: str | Path, *,
-    seeds: Sequence[int] = (0,), level: str = "hard", tasks: Sequence[str] | None = None,
-    **common_parameters,
-) -> pd.DataFrame:
-    """Train every variant for every seed from `model`; one row per run with hard-list metrics.
+# --------------------------------------------------------------------------------------------------
+# Arms over seeds: train once, score per query, bootstrap the comparison
 
-    Keys of a variant that are not TrainConfig fields ("label", "group", ...) are copied to the
-    row as they are; `common_parameters` are TrainConfig fields shared by all runs.
+
+def train_arms(
+    arms: Mapping[str, dict], base: str, data: DatasetInfo, output_root: str | Path, *,
+    seeds: Sequence[int] = (0, 1, 2), tasks: Sequence[str] | None = None, **common_parameters,
+) -> dict[str, list[Path]]:
+    """Fine-tune `base` once per (arm, seed); the final models, per arm in seed order.
+
+    arms: {name: TrainConfig fields} (e.g. {"info_nce": {"loss": "info_nce"}, "weighted":
+    {"loss": "hardness_weighted", "alpha": 9}}); `common_parameters` are shared by every arm.
+    Runs are stored by recipe (start weights, data, tasks, training fields) in
+    output_root/<hash of the recipe>/, with recipe.json beside the model: a recipe that was
+    trained before, by this study or another one sharing output_root, is loaded, not retrained.
     """
     fields = set(TrainConfig.__dataclass_fields__)
-    rows = []
-    for variant in variants:
+    start = model_fingerprint(load_model(base, data))
+    checkpoints: dict[str, list[Path]] = {}
+    for name, arm in arms.items():
+        unknown = sorted(set(arm) - fields)
+        if unknown:
+            raise ValueError(f"arm {name!r}: {unknown} are not TrainConfig fields")
+        checkpoints[name] = []
         for seed in seeds:
-            train_parameters = {**common_parameters, "seed": seed,
-                                **{k: v for k, v in variant.items() if k in fields}}
-            run_dir = Path(output_root) / f"{_slug(variant['label'])}-seed{seed}"
-            embedder, _ = train_embedder(model, data, run_dir, tasks=tasks, **train_parameters)
-            table, pools = evaluate_tasks(embedder, data, levels=(level,), tasks=tasks)
-            rows.append({**{k: v for k, v in variant.items() if k not in fields}, "seed": seed,
-                         "p@1": float(table["p@1"].mean()), **separation_summary(pools)})
+            parameters = {**common_parameters, **arm, "seed": seed}
+            recipe = {"base": start, "data": data.manifest.get("parameters", str(data.root)),
+                      "tasks": list(tasks) if tasks else None, "train": parameters}
+            text = json.dumps(recipe, sort_keys=True, indent=1)
+            run_dir = Path(output_root) / hashlib.sha256(text.encode()).hexdigest()[:16]
+            stored = run_dir / "recipe.json"
+            if not (stored.exists() and stored.read_text() == text and (run_dir / "final").exists()):
+                stored.unlink(missing_ok=True)  # until training ends, the folder is not reusable
+                train_embedder(base, data, run_dir, tasks=tasks, overwrite=True, **parameters)
+                write_text(stored, text)
+            checkpoints[name].append(run_dir / "final")
+    return checkpoints
+
+
+@dataclass(frozen=True)
+class QueryScores:
+    """One model's per-query results on one level, every task's queries in a row.
+
+    hit (Q,): 1 when the positive ranks first (P@1's indicator, ties against the positive);
+    positive (Q,); hard (Q, k): the k most similar wrong candidates; easy (Q, k): the k least.
+    """
+
+    hit: np.ndarray
+    positive: np.ndarray
+    hard: np.ndarray
+    easy: np.ndarray
+    task: np.ndarray
+
+    FIELDS = ("hit", "positive", "hard", "easy")
+
+    def subset(self, keep: np.ndarray) -> "QueryScores":
+        """The queries where `keep` (a (Q,) bool mask) is true."""
+        return QueryScores(*(getattr(self, name)[keep] for name in (*self.FIELDS, "task")))
+
+
+def query_scores(model, data: DatasetInfo, level: str = "hard", tasks: Sequence[str] | None = None,
+                 k: int = 5, cache_dir=None) -> QueryScores:
+    """Per-query P@1 hits and Table-1 similarities of `model` on every task's `level` lists."""
+    parts = []
+    for task, _, queries, candidates in _embedded_tasks(model, data, (level,), tasks, cache_dir):
+        if candidates.shape[1] < 2:
+            raise ValueError(f"task {task!r} ({level}) has single-candidate lists: nothing to rank")
+        stats = similarity_stats(queries, candidates, k=min(k, candidates.shape[1] - 1))
+        hit = (positive_ranks(queries, candidates) == 1).astype(np.float64)
+        parts.append((hit, stats.positive, stats.hard, stats.easy, np.full(len(hit), task)))
+    if not parts:
+        raise ValueError(f"{data.root}: no {level!r} eval files in tasks {list(tasks or data.tasks)}")
+    return QueryScores(*(np.concatenate(column) for column in zip(*parts)))
+
+
+def score_arms(checkpoints: Mapping[str, Sequence], data: DatasetInfo, *, level: str = "hard",
+               tasks: Sequence[str] | None = None, k: int = 5, cache_dir=None,
+               device=None) -> dict[str, list[QueryScores]]:
+    """`query_scores` of every checkpoint (a path or an embedder), per arm in seed order."""
+    def scores(model):
+        embedder = load_model(str(model), data, device=device) if isinstance(model, (str, Path)) \
+            else model
+        return query_scores(embedder, data, level, tasks, k, cache_dir)
+
+    return {arm: [scores(model) for model in models] for arm, models in checkpoints.items()}
+
+
+def stack_scores(scores: Mapping[str, Sequence[QueryScores]]) -> dict[str, np.ndarray]:
+    """{"<arm>|<field>": (S, Q, ...)} for `statistics.bootstrap_ci`; seed s of every arm is row s.
+
+    An arm with one model (the shared "before") is repeated S times: it has no seed noise.
+    """
+    n_seeds = max(len(runs) for runs in scores.values())
+    samples = {}
+    for arm, runs in scores.items():
+        if len(runs) not in (1, n_seeds):
+            raise ValueError(f"arm {arm!r} has {len(runs)} seeds; others have {n_seeds}")
+        tasks = [run.task for run in runs]
+        if any(not np.array_equal(t, tasks[0]) for t in tasks):
+            raise ValueError(f"arm {arm!r}: seeds were scored on different queries")
+        for name in QueryScores.FIELDS:
+            rows = [getattr(run, name) for run in runs] * (n_seeds // len(runs))
+            samples[f"{arm}|{name}"] = np.stack(rows)
+    return samples
+
+
+METRICS = ("p@1", "positive", "hard", "easy", "gap", "auroc")
+
+
+def arm_statistic(arm: str, metric: str) -> Statistic:
+    """A statistic of one arm's samples: P@1, a Table-1 mean, the gap or AUROC (pos vs hard)."""
+    column = lambda name: f"{arm}|{name}"  # noqa: E731
+    if metric == "p@1":
+        return mean_of(column("hit"))
+    if metric in ("positive", "hard", "easy"):
+        return mean_of(column(metric))
+    if metric == "gap":
+        return difference(mean_of(column("positive")), mean_of(column("hard")))
+    if metric == "auroc":
+        return auroc_of(column("positive"), column("hard"))
+    raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+
+
+def _interval(samples, statistic: Statistic, arms: Sequence[str], n_resamples: int) -> Interval:
+    # Resample only the arrays the statistic reads: every array costs time in every resample.
+    needed = {key: value for key, value in samples.items() if key.split("|")[0] in arms}
+    return bootstrap_ci(needed, statistic, n_resamples=n_resamples)
+
+
+def arm_intervals(samples: Mapping[str, np.ndarray], metrics: Sequence[str] = METRICS,
+                  n_resamples: int = 2000) -> pd.DataFrame:
+    """Mean and 95 % CI of each metric for each arm: rows (arm, metric, mean, ci_low, ci_high)."""
+    arms = list(dict.fromkeys(key.split("|")[0] for key in samples))
+    return pd.DataFrame([
+        {"arm": arm, "metric": metric,
+         **_interval(samples, arm_statistic(arm, metric), [arm], n_resamples).as_dict()}
+        for arm in arms for metric in metrics])
+
+
+def effect(samples, reading: str, statistic: Statistic, arms: Sequence[str], direction: int,
+           n_resamples: int = 2000) -> dict:
+    """{reading, estimate, ci_low, ci_high, verdict}: the paper expects sign `direction`."""
+    interval = _interval(samples, statistic, arms, n_resamples)
+    return {"reading": reading, "estimate": interval.estimate, "ci_low": interval.ci_low,
+            "ci_high": interval.ci_high, "verdict": verdict(interval, direction)}
+
+
+def arm_difference(samples, a: str, b: str, metric: str, reading: str, direction: int = +1,
+                   n_resamples: int = 2000) -> dict:
+    """`effect` of metric(a) - metric(b), paired over shared seeds and queries."""
+    statistic = difference(arm_statistic(a, metric), arm_statistic(b, metric))
+    return effect(samples, reading, statistic, [a, b], direction, n_resamples)
+
+
+def paper_readings(samples: Mapping[str, np.ndarray], before: str, info_nce: str, weighted: str,
+                   n_resamples: int = 2000) -> pd.DataFrame:
+    """LLaVE's Table-1 readings, each an estimate with a 95 % CI and a verdict.
+
+    "reproduced": the CI excludes 0 in the paper's direction; "contradicted": it excludes 0 the
+    other way; "inconclusive": it contains 0. A reading that something *falls* also needs the
+    fall itself to be backed (a compound verdict), not only a difference of two changes.
+    """
+    fall = lambda model, role: difference(arm_statistic(before, role),  # noqa: E731
+                                          arm_statistic(model, role))
+    both = [before, weighted]
+    rows = [
+        arm_difference(samples, weighted, info_nce, "p@1",
+                       "weighting raises hard-list P@1 over InfoNCE", +1, n_resamples),
+        arm_difference(samples, weighted, info_nce, "gap",
+                       "weighting widens the positive-hard gap more than InfoNCE", +1, n_resamples),
+        arm_difference(samples, weighted, info_nce, "auroc",
+                       "weighting separates positives from hard negatives better (AUROC)", +1,
+                       n_resamples),
+    ]
+    hard_falls = effect(samples, "", fall(weighted, "hard"), both, +1, n_resamples)
+    falls_more = effect(samples, "under weighting, hard-negative similarity falls, and by more "
+                        "than positive similarity",
+                        difference(fall(weighted, "hard"), fall(weighted, "positive")), both, +1,
+                        n_resamples)
+    falls_more["verdict"] = compound_verdict([falls_more["verdict"], hard_falls["verdict"]])
+    beats_info_nce = arm_difference(samples, info_nce, weighted, "hard",
+                                    "weighting lowers hard-negative similarity more than InfoNCE "
+                                    "does (and it falls)", +1, n_resamples)
+    beats_info_nce["verdict"] = compound_verdict([beats_info_nce["verdict"], hard_falls["verdict"]])
+    rows += [falls_more, beats_info_nce,
+             arm_difference(samples, weighted, info_nce, "positive",
+                            "weighting lowers positive similarity too (paper: .71 -> .66)", -1,
+                            n_resamples),
+             arm_difference(samples, weighted, info_nce, "easy",
+                            "easy negatives fall further under weighting", -1, n_resamples)]
     return pd.DataFrame(rows)
 
 
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in label).strip("_")
+def verdict_counts(readings: pd.DataFrame) -> dict[str, int]:
+    return {name: int((readings["verdict"] == name).sum()) for name in VERDICTS}
 
 
-def reproduction_verdict(summary: pd.DataFrame, before: str, info_nce: str, weighted: str) -> pd.DataFrame:
-    """Which of LLaVE's Table-1 readings hold here, computed from `separation_summary` rows.
+def meta_task_intervals(scores: Mapping[str, Sequence[QueryScores]], data: DatasetInfo,
+                        metric: str = "p@1", n_resamples: int = 2000) -> pd.DataFrame:
+    """`arm_intervals` of one metric within each meta-task (rows gain a "meta_task" column)."""
+    first = next(iter(scores.values()))[0]
+    tables = []
+    for meta_task in dict.fromkeys(data.meta_task(task) for task in dict.fromkeys(first.task)):
+        keep = np.isin(first.task, data.tasks_of(meta_task))
+        subset = {arm: [run.subset(keep) for run in runs] for arm, runs in scores.items()}
+        table = arm_intervals(stack_scores(subset), (metric,), n_resamples)
+        tables.append(table.assign(meta_task=meta_task))
+    return pd.concat(tables, ignore_index=True)
 
-    summary: one row per model (index = model name) with positive/hard/easy/gap/auroc columns.
+
+def intervals_record(table: pd.DataFrame, key: str = "arm") -> dict:
+    """{metric: {arm: {mean, ci_low, ci_high}}} from `arm_intervals`-shaped rows, for summaries."""
+    record: dict = {}
+    for row in table.to_dict("records"):
+        record.setdefault(row["metric"], {})[row[key]] = {
+            name: float(row[name]) for name in ("mean", "ci_low", "ci_high")}
+    return record
+
+
+def run_variants(
+    variants: Sequence[dict], model: str, data: DatasetInfo, output_root: str | Path, *,
+    seeds: Sequence[int] = (0, 1, 2), level: str = "hard", tasks: Sequence[str] | None = None,
+    cache_dir=None, **common_parameters,
+) -> dict[str, list[QueryScores]]:
+    """Train every variant for every seed from `model` (`train_arms`) and score it per query.
+
+    A variant is a dict of TrainConfig fields plus a "label" (its arm name); other keys
+    ("group", "alpha_value", ...) describe it for tables and plots and are not trained on.
     """
-    b, i, w = (summary.loc[name] for name in (before, info_nce, weighted))
-    drop = lambda model, role: b[role] - model[role]  # noqa: E731  (fall since the shared start)
-    checks = [
-        ("weighting widens the positive-hard gap more than InfoNCE", w["gap"] > i["gap"],
-         f"gap {i['gap']:.3f} (InfoNCE) vs {w['gap']:.3f} (weighted)"),
-        ("weighting separates positives from hard negatives better (AUROC)",
-         w["auroc"] > i["auroc"], f"AUROC {i['auroc']:.3f} vs {w['auroc']:.3f}"),
-        ("under weighting, hard-negative similarity falls more than positive similarity",
-         drop(w, "hard") > drop(w, "positive"),
-         f"hard {drop(w, 'hard'):+.3f} vs positive {drop(w, 'positive'):+.3f} (fall since before)"),
-        ("weighting lowers hard-negative similarity more than InfoNCE does",
-         drop(w, "hard") > drop(i, "hard"),
-         f"fall {drop(i, 'hard'):+.3f} (InfoNCE) vs {drop(w, 'hard'):+.3f} (weighted)"),
-        ("weighting lowers positive similarity too (paper: .71 -> .66, .82 -> .62)",
-         w["positive"] < i["positive"], f"positive {i['positive']:.3f} vs {w['positive']:.3f}"),
-        ("easy negatives fall further under weighting", w["easy"] < i["easy"],
-         f"easy {i['easy']:.3f} vs {w['easy']:.3f}"),
-    ]
-    return pd.DataFrame([{"reading": r, "reproduced": bool(ok), "numbers": n} for r, ok, n in checks])
+    fields = set(TrainConfig.__dataclass_fields__)
+    arms = {v["label"]: {k: value for k, value in v.items() if k in fields} for v in variants}
+    if len(arms) != len(variants):
+        raise ValueError("variant labels must be unique")
+    checkpoints = train_arms(arms, model, data, output_root, seeds=seeds, tasks=tasks,
+                             **common_parameters)
+    return score_arms(checkpoints, data, level=level, tasks=tasks, cache_dir=cache_dir)
+
+
+def variant_intervals(variants: Sequence[dict], samples: Mapping[str, np.ndarray],
+                      metrics: Sequence[str] = ("p@1", "gap", "auroc"),
+                      n_resamples: int = 2000) -> pd.DataFrame:
+    """`arm_intervals` with each variant's descriptive keys ("group", "alpha_value", ...)."""
+    table = arm_intervals(samples, metrics, n_resamples).rename(columns={"arm": "label"})
+    fields = set(TrainConfig.__dataclass_fields__)
+    described = pd.DataFrame([{k: v for k, v in variant.items() if k not in fields}
+                              for variant in variants])
+    return table.merge(described, on="label", how="left")

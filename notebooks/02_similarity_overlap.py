@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -16,73 +18,84 @@
 #
 # LLaVE's Table 1: after training with hardness weighting, the mean similarity of the top-5 hard
 # negatives falls far more than that of the positive, so the two distributions overlap less. As in
-# the paper, we compare models fine-tuned **from one shared starting checkpoint** ("before", briefly
-# pre-trained with InfoNCE) at equal budget: with InfoNCE and with hardness weighting. Similarities are
-# measured on hard candidate lists (candidates that differ from the truth in one attribute).
+# the paper, one shared starting checkpoint ("before") is fine-tuned at equal budget with InfoNCE
+# and with hardness weighting — here several times, once per training seed. Similarities are
+# measured on hard candidate lists (every wrong candidate differs from the truth in one attribute).
+#
+# Every number comes with a 95 % confidence interval from a bootstrap over training seeds and eval
+# queries, paired between arms (they share queries and seeds). A reading of the paper counts as
+# **reproduced** only when the interval of its difference excludes 0 in the paper's direction,
+# **contradicted** when it excludes 0 the other way, and **inconclusive** otherwise.
 
 # %% tags=["parameters"]
-before_checkpoint = "runs/pretrain/final"
-info_nce_checkpoint = "runs/finetune_info_nce/final"
-weighted_checkpoint = "runs/finetune_weighted/final"
+base_checkpoint = "../checkpoints/tiny-dual-scenes"  # the shared "before": a folder or a hub id
+arms = {"info_nce": {"loss": "info_nce"}, "weighted": {"loss": "hardness_weighted", "alpha": 9.0}}
+finetune = {"max_steps": 300, "lr": 1e-3, "temperature": 0.02, "batch_size": 64, "device": "cpu"}
+seeds = [0, 1, 2]
 data = "scenes"
-data_dir = "runs/data/scenes"
-n_train = 500
+data_dir = "../runs/notebooks/data/scenes"
+n_train = 6000
 n_eval = 200
 level = "hard"
 k = 5  # hard: the top-k most similar wrong candidates; easy: the bottom-k (the paper uses 5)
+n_resamples = 2000  # bootstrap resamples per interval
+train_dir = "../runs/notebooks/finetunes"  # fine-tunes, stored by recipe and shared with other studies
 cache_dir = None  # embedding cache shared with other studies
-device = "cpu"
-figures_dir = "figures/overlap"
+figures_dir = "../runs/notebooks/figures/overlap"
 
 # %%
-import pandas as pd
+from IPython.display import display
 
 from llave_kit.pipeline import record_metrics
-from llave_kit.plotting import plot_similarity_bars, plot_similarity_distributions, save_figure
+from llave_kit.plotting import plot_effects, plot_intervals, plot_similarity_distributions, save_figure
 from llave_kit.studies import (
-    load_data, load_model, reproduction_verdict, separation_summary, similarity_pools,
+    arm_intervals, intervals_record, load_data, paper_readings, pooled_distributions, score_arms,
+    stack_scores, train_arms, verdict_counts,
 )
 
 # %%
-generator = {"n_train": n_train, "n_eval": n_eval} if data == "scenes" else {}
-dataset = load_data(data, data_dir, **generator)
-checkpoints = {"before": before_checkpoint, "after InfoNCE": info_nce_checkpoint,
-               "after weighting": weighted_checkpoint}
-pools = {name: similarity_pools(load_model(path, dataset, device=device), dataset, level=level, k=k, cache_dir=cache_dir)
-         for name, path in checkpoints.items()}
-summary = pd.DataFrame({name: separation_summary(pool) for name, pool in pools.items()}).T
-summary.round(3)
+dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval)
+checkpoints = train_arms(arms, base_checkpoint, dataset, train_dir, seeds=seeds, **finetune)
+scores = score_arms({"before": [base_checkpoint], **checkpoints}, dataset, level=level, k=k,
+                    cache_dir=cache_dir, device=finetune.get("device"))
+samples = stack_scores(scores)
+intervals = arm_intervals(samples, n_resamples=n_resamples)
+intervals.pivot(index="arm", columns="metric", values=["mean", "ci_low", "ci_high"]).round(3)
 
 # %% [markdown]
-# ## Distributions: positives vs hard and easy negatives
+# ## Distributions: positives vs hard and easy negatives (every seed's queries pooled)
 
 # %%
-figure = plot_similarity_distributions(pools)
+figure = plot_similarity_distributions({arm: pooled_distributions(runs) for arm, runs in scores.items()})
 save_figure(figure, f"{figures_dir}/similarity_overlap")
 figure
 
 # %% [markdown]
-# ## Table 1, as bars: mean positive / top-5 hard / bottom-5 easy similarity
+# ## Table 1 with intervals: P@1, mean positive / top-5 hard / bottom-5 easy similarity, gap, AUROC
 
 # %%
-figure = plot_similarity_bars(summary.rename_axis("model").reset_index())
-save_figure(figure, f"{figures_dir}/table1_bars")
+figure = plot_intervals(intervals, x="arm", title=f"{level} candidate lists, {len(seeds)} seeds per arm")
+save_figure(figure, f"{figures_dir}/table1_intervals")
 figure
 
 # %% [markdown]
 # ## Which of the paper's readings reproduce here?
-# Computed from the numbers above, not written by hand. The paper fine-tunes billion-parameter
-# pre-trained models on 662K pairs; this is a 0.7M-parameter model after a short pre-training, so
-# expect the relative effects (gap, overlap) to be more reliable than the absolute levels.
+# Each reading is a paired difference with its 95 % CI; the verdict follows from the interval alone.
 
 # %%
-verdict = reproduction_verdict(summary, "before", "after InfoNCE", "after weighting")
-verdict
+readings = paper_readings(samples, "before", "info_nce", "weighted", n_resamples=n_resamples)
+figure = plot_effects(readings, title="LLaVE's readings: weighted vs InfoNCE (and vs before)")
+save_figure(figure, f"{figures_dir}/readings")
+display(figure)
+readings.round(4)
 
 # %%
+table = intervals_record(intervals)
 record_metrics({
-    "table1": {name: {key: float(row[key]) for key in ("positive", "hard", "easy", "gap", "auroc", "overlap")}
-               for name, row in summary.iterrows()},
-    "readings_reproduced": f"{int(verdict.reproduced.sum())}/{len(verdict)}",
-    "gap_gain_weighted_minus_info_nce": float(summary.loc["after weighting", "gap"] - summary.loc["after InfoNCE", "gap"]),
+    "p_at_1_hard" if level == "hard" else f"p_at_1_{level}": table["p@1"],
+    "table1": {metric: values for metric, values in table.items() if metric != "p@1"},
+    "effects": readings.to_dict("records"),
+    "verdicts": verdict_counts(readings),
+    "seeds": len(seeds),
+    "queries": int(samples["before|hit"].shape[1]),
 })

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -12,67 +14,90 @@
 # ---
 
 # %% [markdown]
-# # Retrieval: P@1 per meta-task, Recall@k and MRR
+# # Retrieval: P@1 per meta-task on hard and random candidate lists
 #
-# Every model is scored on each task's candidate lists, at two hardness levels: **hard** lists (every
-# wrong candidate differs from the truth in one attribute, the headline) and **random** lists (which
-# saturate at this scale and are shown for contrast). MMEB's metric is P@1 with candidate 0 the
-# positive; a tie counts against the positive.
+# The shared starting checkpoint and its fine-tunes (one per arm and training seed, the same runs
+# as the overlap study) are scored on each task's candidate lists at two hardness levels: **hard**
+# lists (every wrong candidate differs from the truth in one attribute, the headline) and
+# **random** lists (which nearly saturate at this scale and are shown for contrast). MMEB's metric
+# is P@1 with candidate 0 the positive; a tie counts against the positive. Intervals are 95 %
+# bootstrap CIs over training seeds and queries.
 
 # %% tags=["parameters"]
-models = {"before": "runs/pretrain/final", "after InfoNCE": "runs/finetune_info_nce/final",
-          "after weighting": "runs/finetune_weighted/final"}
+base_checkpoint = "../checkpoints/tiny-dual-scenes"
+arms = {"info_nce": {"loss": "info_nce"}, "weighted": {"loss": "hardness_weighted", "alpha": 9.0}}
+finetune = {"max_steps": 300, "lr": 1e-3, "temperature": 0.02, "batch_size": 64, "device": "cpu"}
+seeds = [0, 1, 2]
 data = "scenes"
-data_dir = "runs/data/scenes"
-n_train = 500
+data_dir = "../runs/notebooks/data/scenes"
+n_train = 6000
 n_eval = 200
 levels = ["hard", "random"]
-failure_model = "after weighting"
+failure_arm = "weighted"  # its first seed's model is searched for failures
 failure_task = "ret_i2t"
 failure_level = "hard"
 failures_shown = 6
+n_resamples = 2000
+train_dir = "../runs/notebooks/finetunes"
 cache_dir = None
-device = "cpu"
-figures_dir = "figures/retrieval"
+figures_dir = "../runs/notebooks/figures/retrieval"
 
 # %%
 import pandas as pd
 from IPython.display import display
 
 from llave_kit.pipeline import record_metrics
-from llave_kit.plotting import plot_failure_cases, plot_metric_bars, save_figure
-from llave_kit.studies import evaluate_embedder, hardest_failures, load_data, load_model
+from llave_kit.plotting import plot_effects, plot_failure_cases, plot_intervals, save_figure
+from llave_kit.studies import (
+    arm_difference, arm_intervals, hardest_failures, intervals_record, load_data, load_model,
+    meta_task_intervals, score_arms, stack_scores, train_arms,
+)
 
 # %%
-generator = {"n_train": n_train, "n_eval": n_eval} if data == "scenes" else {}
-dataset = load_data(data, data_dir, **generator)
-embedders = {name: load_model(path, dataset, device=device) for name, path in models.items()}
-table = pd.concat([evaluate_embedder(embedder, dataset, levels=levels, cache_dir=cache_dir).assign(model=name)
-                   for name, embedder in embedders.items()], ignore_index=True)
-table.pivot_table(index=["meta_task", "task"], columns=["level", "model"], values="p@1").round(3)
-
-# %%
+dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval)
+checkpoints = {"before": [base_checkpoint],
+               **train_arms(arms, base_checkpoint, dataset, train_dir, seeds=seeds, **finetune)}
+overall, by_meta_task, effects = {}, [], []
 for level in levels:
-    figure = plot_metric_bars(table[table.level == level], x="meta_task", y="p@1", hue="model")
-    figure.suptitle(f"P@1 on {level} candidate lists")
-    save_figure(figure, f"{figures_dir}/p_at_1_{level}")
-    display(figure)
+    scores = score_arms(checkpoints, dataset, level=level, cache_dir=cache_dir, device=finetune.get("device"))
+    samples = stack_scores(scores)
+    overall[level] = intervals_record(arm_intervals(samples, ("p@1",), n_resamples))["p@1"]
+    by_meta_task.append(meta_task_intervals(scores, dataset, n_resamples=n_resamples).assign(level=level))
+    effects.append(arm_difference(samples, "weighted", "info_nce", "p@1",
+                                  f"weighting raises P@1 over InfoNCE on {level} lists", +1, n_resamples))
+by_meta_task = pd.concat(by_meta_task, ignore_index=True)
+by_meta_task.pivot_table(index=["level", "meta_task"], columns="arm", values="mean").round(3)
 
 # %%
-ranking = table.groupby(["level", "model"])[["p@1", "recall@5", "mrr", "ndcg@10"]].mean()
-ranking.round(3)
+figure = plot_intervals(by_meta_task.assign(panel=by_meta_task.level + " lists: P@1"), x="meta_task",
+                        hue="arm", panel="panel", title="P@1 per meta-task")
+save_figure(figure, f"{figures_dir}/p_at_1")
+figure
+
+# %%
+effects = pd.DataFrame(effects)
+figure = plot_effects(effects, title="P@1 gain of weighting over InfoNCE")
+save_figure(figure, f"{figures_dir}/p_at_1_gain")
+display(figure)
+effects.round(4)
 
 # %% [markdown]
 # ## The hardest failures
 # Queries where the model's top candidate beats the positive by the widest margin.
 
 # %%
-failures = hardest_failures(embedders[failure_model], dataset, failure_task, failure_level, failures_shown,
-                            cache_dir=cache_dir)
-figure = plot_failure_cases(failures, title=f"{failure_model}: hardest failures on {failure_task}")
+model = load_model(str(checkpoints[failure_arm][0]), dataset, device=finetune.get("device"))
+failures = hardest_failures(model, dataset, failure_task, failure_level, failures_shown, cache_dir=cache_dir)
+figure = plot_failure_cases(failures, title=f"{failure_arm} (seed {seeds[0]}): hardest failures on {failure_task}")
 save_figure(figure, f"{figures_dir}/failures_{failure_task}")
 figure
 
 # %%
-record_metrics({f"{level}/{model}": {metric: float(value) for metric, value in row.items()}
-                for (level, model), row in ranking.iterrows()})
+record_metrics({
+    "p_at_1": overall,
+    "p_at_1_by_meta_task": {level: {meta: {row["arm"]: {k: float(row[k]) for k in ("mean", "ci_low", "ci_high")}
+                                           for _, row in rows.iterrows()}
+                                    for meta, rows in frame.groupby("meta_task")}
+                            for level, frame in by_meta_task.groupby("level")},
+    "effects": effects.to_dict("records"),
+})

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -17,26 +19,24 @@
 # k-means on image embeddings, scored by NMI, ARI and purity against the true labels, with 2-D
 # projections. Two image sets: scikit-learn's **digits** (real handwritten digits; the shared starting
 # checkpoint is fine-tuned on digit-caption pairs with InfoNCE and with hardness weighting) and the
-# **scenes** data's single-object images (labelled by shape), embedded by the scenes models.
+# **scenes** data's single-object images (labelled by shape), embedded by one training seed's
+# fine-tune of each arm (the runs the overlap study trains, loaded from `train_dir`, not retrained).
 
 # %% tags=["parameters"]
-base_checkpoint = "runs/pretrain/final"
-scenes_models = {"after InfoNCE": "runs/finetune_info_nce/final",
-                 "after weighting": "runs/finetune_weighted/final"}
-data_dir = "runs/data/scenes"
-n_train = 500
+base_checkpoint = "../checkpoints/tiny-dual-scenes"
+arms = {"info_nce": {"loss": "info_nce"}, "weighted": {"loss": "hardness_weighted", "alpha": 9.0}}
+finetune = {"max_steps": 300, "lr": 1e-3, "temperature": 0.02, "batch_size": 64, "device": "cpu"}
+training_seed = 0  # which seed's fine-tunes to cluster with
+data_dir = "../runs/notebooks/data/scenes"
+n_train = 6000
 n_eval = 200
-digits_dir = "runs/data/digits"
+train_dir = "../runs/notebooks/finetunes"
+digits_dir = "../runs/notebooks/data/digits"
 digits_steps = 60
-alpha = 9.0
-temperature = 0.05
-lr = 5e-4
-batch_size = 64
-seed = 0
-device = "cpu"
+seed = 0  # k-means and projection seed
 projection = "tsne"  # "tsne", "pca" or "umap" (needs umap-learn)
-output_dir = "runs/clustering"
-figures_dir = "figures/clustering"
+output_dir = "../runs/notebooks/clustering"
+figures_dir = "../runs/notebooks/figures/clustering"
 
 # %%
 import pandas as pd
@@ -44,7 +44,9 @@ import pandas as pd
 from llave_kit.evaluation import cluster_embeddings, project_2d
 from llave_kit.pipeline import record_metrics
 from llave_kit.plotting import plot_metric_bars, plot_projection, save_figure
-from llave_kit.studies import embed_images, labelled_images, load_data, load_model, train_embedder
+from llave_kit.studies import (
+    embed_images, labelled_images, load_data, load_model, train_arms,
+)
 
 # %% [markdown]
 # ## Digits: fine-tune on digit captions, then cluster the held-out digit images
@@ -52,13 +54,11 @@ from llave_kit.studies import embed_images, labelled_images, load_data, load_mod
 # %%
 digits = load_data("digits", digits_dir)
 digit_images, digit_labels = labelled_images(digits, "digit", split="eval")
-recipes = {"InfoNCE": {"loss": "info_nce"}, "weighted": {"loss": "hardness_weighted", "alpha": alpha}}
-embeddings = {}
-for name, recipe in recipes.items():
-    embedder, _ = train_embedder(base_checkpoint, digits, f"{output_dir}/digits_{name}",
-                                 max_steps=digits_steps, temperature=temperature, lr=lr,
-                                 batch_size=batch_size, seed=seed, device=device, **recipe)
-    embeddings[f"digits · {name}"] = (embed_images(embedder, digit_images), digit_labels)
+digits_models = train_arms(arms, base_checkpoint, digits, f"{output_dir}/digits", seeds=[training_seed],
+                           **{**finetune, "max_steps": digits_steps})
+device = finetune.get("device")
+embeddings = {f"digits · {name}": (embed_images(load_model(str(path), digits, device=device), digit_images), digit_labels)
+              for name, (path,) in digits_models.items()}
 
 # %% [markdown]
 # ## Scenes: single-object images, labelled by shape
@@ -66,8 +66,9 @@ for name, recipe in recipes.items():
 # %%
 scenes = load_data("scenes", data_dir, n_train=n_train, n_eval=n_eval)
 scene_images, scene_labels = labelled_images(scenes, "shape", split="eval", task="cls_object", role="query")
-for name, path in scenes_models.items():
-    embeddings[f"scenes · {name}"] = (embed_images(load_model(path, scenes, device=device), scene_images), scene_labels)
+scenes_models = train_arms(arms, base_checkpoint, scenes, train_dir, seeds=[training_seed], **finetune)
+for name, (path,) in scenes_models.items():
+    embeddings[f"scenes · {name}"] = (embed_images(load_model(str(path), scenes, device=device), scene_images), scene_labels)
 
 # %%
 scores = {title: cluster_embeddings(emb, labels, seed=seed).as_dict() for title, (emb, labels) in embeddings.items()}

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -12,76 +14,114 @@
 # ---
 
 # %% [markdown]
-# # α sweep, the ablation ladder, and a temperature-matched control
+# # α sweep, a temperature-matched control, and the ablation ladder
 #
-# 1. **α sweep.** Fine-tune the shared starting checkpoint with hardness weighting at several α, over
-#    seeds; P@1 on hard lists and the positive-hard gap against α, with error bars over seeds.
+# 1. **α sweep.** Fine-tune the shared starting checkpoint with hardness weighting at several α, once
+#    per training seed; P@1 on hard lists, the positive-hard gap and AUROC against α.
 # 2. **Temperature-matched control.** For negatives, `s/τ + α s = s (1/τ + α)`: part of the gain may
-#    be "sharper negatives". Beside each α, InfoNCE at `1/τ' = 1/τ + α` is trained: what weighting adds
-#    beyond it is the effect of keeping the positive at scale `1/τ` and of the stop-gradient.
+#    be "sharper negatives". Beside each α, InfoNCE at `1/τ' = 1/τ + α` is trained (drawn at the same
+#    α). What weighting adds beyond it is the effect of keeping the positive at scale `1/τ` and of the
+#    stop-gradient: the control's differences answer that, whichever way they go.
 # 3. **Ablation ladder** (the paper's Table 5 order): InfoNCE → + cross-device gather (simulated here
 #    by a `pool_factor` times larger batch, which the gather makes exactly equivalent; like a run on
 #    `pool_factor` devices, it also sees `pool_factor` times more pairs in the same steps) → + focal
 #    InfoNCE → + hardness weighting.
+#
+# All intervals are 95 % bootstrap CIs over training seeds and queries, paired where runs share them.
+# Fine-tunes with the same recipe as another study's (α = 0 and α = 9 are the overlap study's arms)
+# are loaded from `train_dir`, not trained again.
 
 # %% tags=["parameters"]
-base_checkpoint = "runs/pretrain/final"
+base_checkpoint = "../checkpoints/tiny-dual-scenes"
+finetune = {"max_steps": 300, "lr": 1e-3, "temperature": 0.02, "batch_size": 64, "device": "cpu"}
+seeds = [0, 1, 2]
 data = "scenes"
-data_dir = "runs/data/scenes"
-n_train = 500
+data_dir = "../runs/notebooks/data/scenes"
+n_train = 6000
 n_eval = 200
-alphas = [0.0, 1.0, 3.0, 9.0, 27.0]
-seeds = [0, 1]
-temperature = 0.05
+alphas = [0.0, 3.0, 9.0]
 temperature_matched = True
 ladder = True
 ladder_batch_size = 16  # rung 1's batch; rungs 2-4 use pool_factor times as many
 pool_factor = 4
 ladder_alpha = 9.0
-steps = 100
-batch_size = 32
-lr = 5e-4
 level = "hard"
-device = "cpu"
-output_dir = "runs/alpha_sweep"
-figures_dir = "figures/alpha_sweep"
+n_resamples = 2000
+train_dir = "../runs/notebooks/finetunes"
+cache_dir = None
+figures_dir = "../runs/notebooks/figures/alpha_sweep"
 
 # %%
+import pandas as pd
 from IPython.display import display
 
 from llave_kit.pipeline import record_metrics
-from llave_kit.plotting import plot_alpha_sweep, plot_metric_bars, save_figure
+from llave_kit.plotting import plot_effects, plot_intervals, save_figure
 from llave_kit.studies import (
-    ablation_ladder_variants, alpha_sweep_variants, load_data, run_variants,
+    ablation_ladder_variants, alpha_sweep_variants, arm_difference, intervals_record, load_data,
+    run_variants,
+    stack_scores, variant_intervals,
 )
 
 # %%
-generator = {"n_train": n_train, "n_eval": n_eval} if data == "scenes" else {}
-dataset = load_data(data, data_dir, **generator)
-common = dict(max_steps=steps, batch_size=batch_size, lr=lr, level=level, device=device)
-sweep = run_variants(alpha_sweep_variants(alphas, temperature, temperature_matched),
-                     base_checkpoint, dataset, f"{output_dir}/sweep", seeds=seeds, **common)
-sweep.groupby(["group", "alpha_value"])[["p@1", "gap", "auroc"]].agg(["mean", "std"]).round(3)
+dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval)
+temperature = finetune["temperature"]
+variants = alpha_sweep_variants(alphas, temperature, temperature_matched)
+samples = stack_scores(run_variants(variants, base_checkpoint, dataset, train_dir, seeds=seeds, level=level,
+                                    cache_dir=cache_dir, **finetune))
+sweep = variant_intervals(variants, samples, n_resamples=n_resamples)
+sweep.pivot_table(index=["group", "alpha_value"], columns="metric", values="mean").round(3)
 
 # %%
-figure = plot_alpha_sweep(sweep, metrics=("p@1", "gap", "auroc"), x="alpha_value", hue="group")
+figure = plot_intervals(sweep, x="alpha_value", hue="group", connect=True,
+                        title=f"Fine-tuning at τ = {temperature:g}: hardness weighting against α, "
+                              "and InfoNCE at the matched temperature 1/τ' = 1/τ + α")
 save_figure(figure, f"{figures_dir}/alpha_sweep")
 figure
 
-# %%
-if ladder:
-    ladder_common = {k: v for k, v in common.items() if k != "batch_size"}  # rungs set their own
-    rungs = run_variants(ablation_ladder_variants(ladder_batch_size, pool_factor, ladder_alpha, temperature),
-                         base_checkpoint, dataset, f"{output_dir}/ladder", seeds=seeds,
-                         temperature=temperature, **ladder_common)
-    figure = plot_metric_bars(rungs, x="label", y="p@1", hue=None)
-    save_figure(figure, f"{figures_dir}/ablation_ladder")
-    display(figure)
-    display(rungs.groupby("label")[["p@1", "gap", "auroc"]].mean().round(3))
+# %% [markdown]
+# ## What weighting adds: differences with 95 % CIs
+# Against α = 0 (plain InfoNCE at τ), and against InfoNCE at the matched temperature (same α).
 
 # %%
-means = sweep.groupby(["group", "alpha_value"])[["p@1", "gap"]].mean()
-metrics = {f"{group}/alpha={alpha:g}": {k: float(v) for k, v in row.items()} for (group, alpha), row in means.iterrows()}
+labels = {(v["group"], v["alpha_value"]): v["label"] for v in variants}
+baseline = labels[("hardness weighting", 0.0)] if 0.0 in alphas else None
+effects = []
+for alpha in [a for a in alphas if a]:
+    weighted = labels[("hardness weighting", alpha)]
+    if baseline:
+        effects.append(arm_difference(samples, weighted, baseline, "p@1",
+                                      f"α = {alpha:g} vs α = 0: P@1 gain", +1, n_resamples))
+    if temperature_matched:
+        matched = labels[("temperature-matched InfoNCE", alpha)]
+        for metric in ("p@1", "gap"):
+            effects.append(arm_difference(samples, weighted, matched, metric,
+                                          f"α = {alpha:g} vs {matched}: {metric} gain", +1, n_resamples))
+effects = pd.DataFrame(effects)
+figure = plot_effects(effects, title="Hardness weighting vs plain and temperature-matched InfoNCE")
+save_figure(figure, f"{figures_dir}/effects")
+display(figure)
+effects.round(4)
+
+# %%
 if ladder:
-    metrics["ladder"] = rungs.groupby("label")["p@1"].mean().to_dict()
+    rungs = ablation_ladder_variants(ladder_batch_size, pool_factor, ladder_alpha, temperature)
+    ladder_samples = stack_scores(run_variants(rungs, base_checkpoint, dataset, train_dir, seeds=seeds,
+                                               level=level, cache_dir=cache_dir,
+                                               **{k: v for k, v in finetune.items() if k != "batch_size"}))
+    ladder_table = variant_intervals(rungs, ladder_samples, n_resamples=n_resamples)
+    steps = [arm_difference(ladder_samples, upper["label"], lower["label"], "p@1",
+                            f"{upper['label']} vs {lower['label'][2:]}: P@1 gain", +1, n_resamples)
+             for lower, upper in zip(rungs, rungs[1:])]
+    figure = plot_intervals(ladder_table, x="label", title="The ablation ladder (LLaVE's Table 5 order)")
+    save_figure(figure, f"{figures_dir}/ablation_ladder")
+    display(figure)
+    display(pd.DataFrame(steps).round(4))
+
+# %%
+metrics = {"sweep": intervals_record(sweep, key="label"), "effects": effects.to_dict("records"),
+           "seeds": len(seeds)}
+if ladder:
+    metrics["ladder"] = intervals_record(ladder_table, key="label")
+    metrics["ladder_steps"] = steps
 record_metrics(metrics)

@@ -23,7 +23,7 @@ from llave_kit.data import (
 )
 from llave_kit.scenes import COLORS, make_scenes_dataset, scenes_vocabulary
 
-TINY = dict(n_train=3, n_eval=4, num_candidates=16, seed=3)
+TINY = dict(n_train=3, n_eval=4, num_candidates=8, seed=3)
 POSITION_WORDS = ["top left", "top middle", "top right", "middle left", "center", "middle right",
                   "bottom left", "bottom middle", "bottom right"]
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
@@ -64,7 +64,7 @@ def object_components(image: np.ndarray) -> list[tuple[tuple, int, tuple]]:
     return blobs
 
 
-def cell_of(centroid, size=56) -> str:
+def cell_of(centroid, size=84) -> str:
     row, col = (min(int(c // (size / 3)), 2) for c in centroid)
     return POSITION_WORDS[3 * row + col]
 
@@ -256,13 +256,13 @@ def test_retrieval_images_match_their_captions(generated):
 
 def test_grounding_positive_is_the_referred_cell_of_the_query_image(generated):
     info, _, _ = generated
-    edges = [round(k * 56 / 3) for k in range(4)]
+    edges = [round(k * 84 / 3) for k in range(4)]
     for rec, row in eval_rows(info, "grd_position"):
         position = next(p for p in POSITION_WORDS if rec["qry_text"].endswith(p))
         r, c = divmod(POSITION_WORDS.index(position), 3)
         query = Image.open(info.root / rec["qry_img_path"]).convert("RGB")
         crop = query.crop((edges[c], edges[r], edges[c + 1], edges[r + 1]))
-        assert same_pixels(crop.resize((56, 56), Image.NEAREST),
+        assert same_pixels(crop.resize((84, 84), Image.NEAREST),
                            pixels(info.root / rec["tgt_img_path"][0]))
         for rel, attrs in zip(rec["tgt_img_path"], row["candidates"]):
             colours = [b[0] for b in object_components(pixels(info.root / rel))]
@@ -300,7 +300,7 @@ def test_manifest_describes_the_folder(generated):
     assert info.vocabulary() == scenes_vocabulary()
     by_default_root = TrainPairDataset(info.train_path("ret_t2i"))  # finds the folder's manifest
     assert by_default_root.image_root == info.root
-    assert by_default_root[0]["pos_image"].size == (56, 56)
+    assert by_default_root[0]["pos_image"].size == (84, 84)  # the default image size
 
 
 def test_labels_match_pixels(generated):
@@ -346,8 +346,8 @@ def test_vocabulary_covers_every_text(generated, digits_folder):
 
 
 def test_impossible_hard_list_raises_and_leaves_nothing(tmp_path):
-    with pytest.raises(ValueError, match="cls_object.*only 15"):
-        make_scenes_dataset(tmp_path / "x", n_train=1, n_eval=1, num_candidates=17,
+    with pytest.raises(ValueError, match="cls_object.*only 9"):  # 3 shapes + 5 colours + 1 size
+        make_scenes_dataset(tmp_path / "x", n_train=1, n_eval=1, num_candidates=11,
                             tasks=["cls_object"])
     assert list(tmp_path.iterdir()) == []
 

@@ -37,7 +37,9 @@ def test_word_order_and_unknown_words(model):
 
 def test_gradients_reach_both_towers_and_the_fusion(model):
     model.zero_grad()
-    model.encode(["a small red circle", ""], [None, image("red")]).sum().backward()
+    # text alone, image alone, and both (the text directs the look at the patches)
+    texts, images = ["a small red circle", "", "what is in the top left"], [None, image("red"), image("blue")]
+    model.encode(texts, images).sum().backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 

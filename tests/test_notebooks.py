@@ -19,43 +19,27 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 TINY = {"n_train": 6, "n_eval": 4}
 TINY_TRAIN = {"steps": 2, "batch_size": 8, **TINY}
-MODELS = {"before": "{runs_dir}/pretrain/final", "after InfoNCE": "{runs_dir}/finetune_info_nce/final",
-          "after weighting": "{runs_dir}/finetune_weighted/final"}
+FINETUNE = {"max_steps": 2, "batch_size": 8, "lr": 1e-3, "temperature": 0.05, "device": "cpu"}
 
 
 def tiny_pipeline() -> dict:
-    data = {"data_dir": "{runs_dir}/data/scenes"}
-    finetune = {**data, **TINY_TRAIN, "model": "{runs_dir}/pretrain/final"}
-    return {"name": "tiny", "runs": [
+    return {"name": "tiny", "defaults": {
+        "data_dir": "{runs_dir}/data/scenes", "digits_dir": "{runs_dir}/data/digits", **TINY,
+        "base_checkpoint": "tiny-dual", "finetune": FINETUNE, "seeds": [0, 1],
+        "train_dir": "{runs_dir}/finetunes", "cache_dir": "{runs_dir}/cache", "n_resamples": 50,
+    }, "runs": [
         {"name": "basics", "notebook": "notebooks/00_contrastive_basics.ipynb",
          "parameters": {"interactive": False, "batch_size": 8}},
-        {"name": "pretrain", "notebook": "notebooks/01_train.ipynb",
-         "parameters": {**data, **TINY_TRAIN}},
-        {"name": "finetune_info_nce", "notebook": "notebooks/01_train.ipynb",
-         "depends_on": ["pretrain"], "parameters": finetune},
-        {"name": "finetune_weighted", "notebook": "notebooks/01_train.ipynb",
-         "depends_on": ["pretrain"],
-         "parameters": {**finetune, "loss": "hardness_weighted", "alpha": 9.0}},
-        {"name": "overlap", "notebook": "notebooks/02_similarity_overlap.ipynb",
-         "depends_on": ["finetune_info_nce", "finetune_weighted"],
-         "parameters": {**data, **TINY, "before_checkpoint": MODELS["before"],
-                        "info_nce_checkpoint": MODELS["after InfoNCE"],
-                        "weighted_checkpoint": MODELS["after weighting"],
-                        "cache_dir": "{runs_dir}/cache"}},
+        {"name": "train", "notebook": "notebooks/01_train.ipynb",
+         "parameters": {**TINY_TRAIN, "model": "tiny-dual", "record_p_at_1_as": "lmm_p_at_1"}},
+        {"name": "overlap", "notebook": "notebooks/02_similarity_overlap.ipynb"},
         {"name": "retrieval", "notebook": "notebooks/03_retrieval_study.ipynb",
-         "depends_on": ["finetune_info_nce", "finetune_weighted"],
-         "parameters": {**data, **TINY, "models": MODELS, "cache_dir": "{runs_dir}/cache",
-                        "failures_shown": 2}},
+         "depends_on": ["overlap"], "parameters": {"failures_shown": 2}},
         {"name": "clustering", "notebook": "notebooks/04_clustering_study.ipynb",
-         "depends_on": ["finetune_weighted"],
-         "parameters": {**data, **TINY, "digits_dir": "{runs_dir}/data/digits",
-                        "base_checkpoint": MODELS["before"], "digits_steps": 2, "batch_size": 8,
-                        "projection": "pca",
-                        "scenes_models": {"after weighting": MODELS["after weighting"]}}},
+         "depends_on": ["overlap"], "parameters": {"digits_steps": 2, "projection": "pca"}},
         {"name": "alpha_sweep", "notebook": "notebooks/05_alpha_sweep.ipynb",
-         "depends_on": ["pretrain"],
-         "parameters": {**data, **TINY, "base_checkpoint": MODELS["before"], "alphas": [0.0, 9.0],
-                        "seeds": [0], "steps": 2, "batch_size": 4, "ladder_batch_size": 4, "pool_factor": 2}},
+         "depends_on": ["overlap"],
+         "parameters": {"alphas": [0.0, 9.0], "ladder_batch_size": 4, "pool_factor": 2}},
     ]}
 
 
@@ -80,19 +64,40 @@ def test_every_notebook_runs_in_the_pipeline(executed):
 def test_summary_reports_the_metrics_the_notebooks_recorded(executed):
     pipeline, _ = executed
     summary = (pipeline.figures_dir / "summary.md").read_text()
+    record = json.loads((pipeline.figures_dir / "summary.json").read_text())
     overlap = read_metrics(pipeline.runs_dir / "overlap.ipynb")
-    gap = overlap["table1"]["after weighting"]["gap"]
-    assert f"| table1.after weighting.gap | {gap:.4g} |" in summary
+    assert record["runs"]["overlap"]["metrics"] == overlap
+    gap = overlap["table1"]["gap"]["weighted"]["mean"]
+    assert f"| table1.gap.weighted.mean | {gap:.4g} |" in summary
+    assert set(overlap["p_at_1_hard"]) == {"before", "info_nce", "weighted"}
+    for interval in overlap["p_at_1_hard"].values():
+        assert interval["ci_low"] <= interval["mean"] <= interval["ci_high"] or \
+            interval["ci_low"] <= interval["ci_high"]
+    readings = {effect["reading"]: effect for effect in overlap["effects"]}
+    assert any("P@1" in reading for reading in readings)
+    assert all(e["verdict"] in ("reproduced", "contradicted", "inconclusive")
+               for e in readings.values())
     sweep = read_metrics(pipeline.runs_dir / "alpha_sweep.ipynb")
-    assert {"hardness weighting/alpha=0", "hardness weighting/alpha=9",
-            "temperature-matched InfoNCE/alpha=9", "ladder"} <= set(sweep)
-    pretrain = read_metrics(pipeline.runs_dir / "pretrain.ipynb")
-    assert pretrain["steps"] == 2 and 0.0 <= pretrain["p@1"]["hard"] <= 1.0
-    for figure in ("overlap/similarity_overlap.png", "retrieval/p_at_1_hard.png",
-                   "alpha_sweep/alpha_sweep.png", "clustering/projections.png",
-                   "basics/gradient_share.png", "pretrain/training_curves.png"):
+    assert {"weighted a=0", "weighted a=9", f"InfoNCE tau'={1 / (1 / 0.05 + 9):.4f}"} <= set(sweep["sweep"]["p@1"])
+    assert set(sweep["ladder"]["p@1"]) == {"1 InfoNCE", "2 + gather (x2 negatives)", "3 + focal",
+                                           "4 + hardness weighting"}
+    train = read_metrics(pipeline.runs_dir / "train.ipynb")
+    assert train["steps"] == 2 and set(train["lmm_p_at_1"]) == {"hard", "random"}
+    for figure in ("overlap/similarity_overlap.png", "overlap/readings.png",
+                   "retrieval/p_at_1.png", "alpha_sweep/alpha_sweep.png",
+                   "clustering/projections.png", "basics/gradient_share.png",
+                   "train/training_curves.png"):
         assert (pipeline.figures_dir / figure).stat().st_size > 0, figure
         assert f"]({figure})" in summary
+
+
+def test_studies_share_fine_tunes_by_recipe(executed):
+    """Retrieval, clustering and the sweep's alpha = 0 / 9 runs reuse the overlap study's fine-tunes:
+    2 arms x 2 seeds, plus the sweep's matched control (2 seeds) and the ladder's rungs 1 and 3
+    (2 seeds each); nothing else was trained into train_dir."""
+    pipeline, _ = executed
+    recipes = list((pipeline.runs_dir / "finetunes").glob("*/recipe.json"))
+    assert len(recipes) == 2 * 2 + 2 + 2 * 2
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -120,22 +125,18 @@ def test_gpu_pipeline_file_runs_on_tiny_stand_ins(executed):
     studies_pipeline, _ = executed
     root = studies_pipeline.root
     scenes = str(studies_pipeline.runs_dir / "data" / "scenes")
-    finetuned = {"after InfoNCE": "{runs_dir}/finetune_info_nce/final",
-                 "after weighting": "{runs_dir}/finetune_weighted/final"}
     overrides = {
-        "model": "tiny-dual", "data": scenes, "data_dir": scenes, **TINY, "device": "cpu",
-        "precision": "fp32", "steps": 2, "batch_size": 4, "gradcache_chunk_size": 2, "lr": 1e-3,
-        "level": "hard", "levels": ["hard"], "eval_levels": ["hard"], "failure_task": "cls_object",
-        "failure_level": "hard",
-        "before_checkpoint": "tiny-dual", "base_checkpoint": "tiny-dual",
-        "models": {"before": "tiny-dual", **finetuned}, "scenes_models": finetuned,
-        "digits_steps": 2, "projection": "pca", "alphas": [0.0, 9.0], "seeds": [0], "ladder": False,
+        "base_checkpoint": "tiny-dual", "data": scenes, "data_dir": scenes, **TINY,
+        "finetune": {**FINETUNE, "gradcache_chunk_size": 4}, "seeds": [0],
+        "level": "hard", "levels": ["hard"], "failure_task": "cls_object", "failure_level": "hard",
+        "digits_steps": 2, "projection": "pca", "alphas": [0.0, 9.0], "ladder": False,
+        "n_resamples": 50,
     }
     pipeline = load_pipeline(REPO / "pipelines" / "mmeb_gpu.yaml", root=root, overrides=overrides)
     outcomes = run_pipeline(pipeline, log=lambda message: None)
     assert {o.run.name: o.error for o in outcomes if o.status != "ran"} == {}
     overlap = read_metrics(pipeline.runs_dir / "overlap.ipynb")
-    assert set(overlap["table1"]) == {"before", "after InfoNCE", "after weighting"}
+    assert set(overlap["p_at_1_hard"]) == {"before", "info_nce", "weighted"}
 
 
 def test_shipped_pipelines_only_name_declared_parameters():

@@ -51,17 +51,35 @@ def test_similarity_bars_one_panel_per_dataset(tmp_path):
         plotting.plot_similarity_bars([{"model": "x", "positive": 1.0}])
 
 
-def test_gradient_share_and_alpha_sweep(tmp_path):
+def test_gradient_share(tmp_path):
     sims = np.r_[0.9, np.linspace(-0.2, 0.8, 30)]
     curves = {f"alpha = {a}": (sims[1:], gradient_share(sims, alpha=a)[1:]) for a in (0, 9)}
     assert_saved(plotting.plot_gradient_share(curves), tmp_path, "gradient_share", n_axes=1)
-    runs = pd.DataFrame([{"alpha": a, "seed": s, "temperature": t, "p@1": 0.8 + a / 100 + s / 50,
-                          "gap": 0.1 + a / 200} for a in (0, 3, 9) for s in range(3)
-                         for t in (0.02, 0.05)])
-    fig = plotting.plot_alpha_sweep(runs, metrics=("p@1", "gap"), hue="temperature")
+
+
+def test_intervals_and_effects(tmp_path):
+    rows = pd.DataFrame([{"alpha_value": a, "group": g, "metric": m, "mean": 0.5 + a / 100,
+                          "ci_low": 0.45 + a / 100, "ci_high": 0.58 + a / 100}
+                         for a in (0, 3, 9) for g in ("weighted", "matched") for m in ("p@1", "gap")])
+    fig = plotting.plot_intervals(rows, x="alpha_value", hue="group", connect=True, title="sweep")
     assert_saved(fig, tmp_path, "alpha_sweep", n_axes=2)
-    line = fig.axes[0].lines[0]
-    np.testing.assert_allclose(line.get_ydata(), [0.82, 0.85, 0.91])  # means over seeds
+    bars = fig.axes[0].containers[0]  # the first series' error bars: mean and CI bounds
+    np.testing.assert_allclose(bars.lines[0].get_ydata(), [0.5, 0.53, 0.59])
+    segments = bars.lines[2][0].get_segments()
+    np.testing.assert_allclose([seg[:, 1] for seg in segments],
+                               [[0.45, 0.58], [0.48, 0.61], [0.54, 0.67]])
+    assert "95 % CI" in fig._suptitle.get_text()
+    effects = pd.DataFrame([
+        {"reading": "P@1 gain", "estimate": 0.03, "ci_low": 0.01, "ci_high": 0.05,
+         "verdict": "reproduced"},
+        {"reading": "gap gain", "estimate": 0.01, "ci_low": -0.01, "ci_high": 0.02,
+         "verdict": "inconclusive"}])
+    fig = plotting.plot_effects(effects)
+    assert_saved(fig, tmp_path, "effects", n_axes=1)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["reproduced", "inconclusive"]
+    with pytest.raises(ValueError, match="lacks columns"):
+        plotting.plot_effects([{"reading": "x"}])
 
 
 def test_metric_bars_and_projection(tmp_path):

@@ -20,7 +20,7 @@ from llave_kit.scenes import make_scenes_dataset
 from llave_kit.train import TrainConfig, train
 
 TASK = "cls_object"
-NUM_CANDIDATES = 16
+NUM_CANDIDATES = 8
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def one_thread():
 
 @pytest.mark.slow
 def test_short_cpu_run_raises_p_at_1_above_start_and_chance(scenes, tmp_path, one_thread):
-    """P@1 on 16-candidate lists (chance 1/16): 0.06 before, ~0.38 after 200 steps (~15 s)."""
+    """P@1 on 8-candidate lists (chance 1/8): 0.06 before, ~0.38 after 200 steps (~15 s)."""
     model = default_model("tiny-qwen2-vl", scenes.vocabulary(), hidden_size=32, seed=0)
     eval_set = scenes.eval_dataset(TASK, "random")
 
