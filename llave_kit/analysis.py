@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from scipy.signal import fftconvolve
 from scipy.special import logsumexp, softmax
-from scipy.stats import rankdata
+
+from llave_kit.statistics import auroc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,13 +267,6 @@ def _histogram_densities(pos, neg, bins):
     return f_pos, f_neg, edges[1] - edges[0]
 
 
-def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Mann-Whitney U / (n_pos n_neg); average ranks count each tie as 1/2."""
-    ranks = rankdata(np.concatenate([pos, neg]))
-    u = ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2
-    return float(u / (pos.size * neg.size))
-
-
 def overlap_metrics(
     pos_sims, neg_sims, method: str = "kde", bins: int = 50, max_grid_size: int = 2**17
 ) -> OverlapMetrics:
@@ -307,7 +301,7 @@ def overlap_metrics(
     return OverlapMetrics(
         overlap=float(np.minimum(f_pos, f_neg).sum() * step),
         bhattacharyya=float(np.sqrt(f_pos * f_neg).sum() * step),
-        auroc=_auroc(pos, neg),
+        auroc=auroc(pos, neg),
         margin=float(pos.mean() - neg.mean()),
     )
 

@@ -342,6 +342,18 @@ def _format(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _is_table(value) -> bool:
+    """A list of records (e.g. effects with their intervals): shown as a table of its own."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _table_lines(name: str, rows: list[dict]) -> list[str]:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return (["", f"**{name}**", "", "| " + " | ".join(columns) + " |",
+             "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(_format(row.get(c, "")) for c in columns) + " |" for row in rows])
+
+
 def _counts(outcomes: list[Outcome]) -> dict[str, int]:
     return {s: sum(o.status == s for o in outcomes) for s in STATUSES}
 
@@ -393,9 +405,13 @@ def render_summary(pipeline: Pipeline, outcomes: list[Outcome],
             lines.append(f"Executed notebook: `{executed.relative_to(pipeline.root)}`")
         if o.succeeded:
             metrics = _flatten(_metrics(pipeline, o))
-            if metrics:
+            scalars = {k: v for k, v in metrics.items() if not _is_table(v)}
+            if scalars:
                 lines += ["", "| metric | value |", "|---|---|"]
-                lines += [f"| {k} | {_format(v)} |" for k, v in metrics.items()]
+                lines += [f"| {k} | {_format(v)} |" for k, v in scalars.items()]
+            for key, rows in metrics.items():
+                if _is_table(rows):
+                    lines += _table_lines(key, rows)
             figures = sorted((pipeline.figures_dir / o.run.name).glob("*.png"))
             lines += [f"\n![{f.stem}]({f.relative_to(pipeline.figures_dir).as_posix()})" for f in figures]
     return "\n".join(lines) + "\n"

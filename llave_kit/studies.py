@@ -234,13 +234,16 @@ def matched_temperature(temperature: float, alpha: float) -> float:
 
 
 def alpha_sweep_variants(alphas: Iterable[float], temperature: float,
-                         temperature_matched: bool = True) -> list[dict]:
+                         matched_alphas: Iterable[float] = ()) -> list[dict]:
+    """Hardness weighting at each alpha (alpha 0 is InfoNCE), and InfoNCE at the matched
+    temperature (`matched_temperature`) beside each alpha of `matched_alphas`."""
+    matched_alphas = {float(a) for a in matched_alphas}
     variants = []
     for alpha in alphas:
         loss = {"loss": "hardness_weighted", "alpha": float(alpha)} if alpha else {"loss": "info_nce"}
         variants.append({"label": f"weighted a={alpha:g}", "group": "hardness weighting",
                          "alpha_value": float(alpha), "temperature": temperature, **loss})
-        if temperature_matched and alpha:
+        if alpha and float(alpha) in matched_alphas:
             variants.append({"label": f"InfoNCE tau'={matched_temperature(temperature, alpha):.4f}",
                              "group": "temperature-matched InfoNCE", "alpha_value": float(alpha),
                              "loss": "info_nce",

@@ -19,7 +19,7 @@
 # 1. **α sweep.** Fine-tune the shared starting checkpoint with hardness weighting at several α, once
 #    per training seed; P@1 on hard lists, the positive-hard gap and AUROC against α.
 # 2. **Temperature-matched control.** For negatives, `s/τ + α s = s (1/τ + α)`: part of the gain may
-#    be "sharper negatives". Beside each α, InfoNCE at `1/τ' = 1/τ + α` is trained (drawn at the same
+#    be "sharper negatives". Beside each α of `matched_alphas`, InfoNCE at `1/τ' = 1/τ + α` is trained (drawn at the same
 #    α). What weighting adds beyond it is the effect of keeping the positive at scale `1/τ` and of the
 #    stop-gradient: the control's differences answer that, whichever way they go.
 # 3. **Ablation ladder** (the paper's Table 5 order): InfoNCE → + cross-device gather (simulated here
@@ -40,7 +40,7 @@ data_dir = "../runs/notebooks/data/scenes"
 n_train = 6000
 n_eval = 200
 alphas = [0.0, 3.0, 9.0]
-temperature_matched = True
+matched_alphas = [9.0]  # alphas that get a temperature-matched InfoNCE control
 ladder = True
 ladder_batch_size = 16  # rung 1's batch; rungs 2-4 use pool_factor times as many
 pool_factor = 4
@@ -66,7 +66,7 @@ from llave_kit.studies import (
 # %%
 dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval)
 temperature = finetune["temperature"]
-variants = alpha_sweep_variants(alphas, temperature, temperature_matched)
+variants = alpha_sweep_variants(alphas, temperature, matched_alphas)
 samples = stack_scores(run_variants(variants, base_checkpoint, dataset, train_dir, seeds=seeds, level=level,
                                     cache_dir=cache_dir, **finetune))
 sweep = variant_intervals(variants, samples, n_resamples=n_resamples)
@@ -92,7 +92,7 @@ for alpha in [a for a in alphas if a]:
     if baseline:
         effects.append(arm_difference(samples, weighted, baseline, "p@1",
                                       f"α = {alpha:g} vs α = 0: P@1 gain", +1, n_resamples))
-    if temperature_matched:
+    if ("temperature-matched InfoNCE", alpha) in labels:
         matched = labels[("temperature-matched InfoNCE", alpha)]
         for metric in ("p@1", "gap"):
             effects.append(arm_difference(samples, weighted, matched, metric,
