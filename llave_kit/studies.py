@@ -1,13 +1,22 @@
 """Study recipes: the steps the notebooks share, so a notebook is parameters, calls and plots.
 
     data = load_data("scenes", "runs/data/scenes")                   # built-in, or an MMEB folder
-    model, result = train_embedder("tiny-qwen2-vl", data, "runs/pretrain",
+    model, result = train_embedder("tiny-qwen2-vl", data, "runs/train",
                                    loss="info_nce", temperature=0.05, max_steps=300)
     table = evaluate_embedder(model, data, levels=("hard", "random"))  # one row per task and level
-    pools = similarity_pools(model, data, level="hard")               # Table-1 similarity samples
 
-Comparisons of training recipes (the alpha sweep, the ablation ladder, the temperature-matched
-control) are lists of *variants*: dicts of TrainConfig fields plus a "label", run by `run_variants`.
+Comparisons run every arm over several training seeds from one shared start and judge them with
+intervals, never with single numbers:
+
+    runs = train_arms({"info_nce": {...}, "weighted": {...}}, before, data, "runs/finetunes",
+                      seeds=[0, 1, 2], max_steps=300)                  # stored by recipe, reused
+    samples = stack_scores(score_arms({"before": [before], **runs}, data))  # per query and seed
+    arm_intervals(samples)                 # mean and 95 % CI of P@1, similarities, gap, AUROC
+    paper_readings(samples, "before", "info_nce", "weighted")   # differences, CIs, verdicts
+
+The alpha sweep, the ablation ladder and the temperature-matched control are lists of *variants*
+(TrainConfig fields plus a "label"), trained and scored by `run_variants`. `pretrain` makes the
+kit's shipped starting checkpoints from configs/pretrain_*.yaml.
 """
 from __future__ import annotations
 

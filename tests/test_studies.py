@@ -1,4 +1,6 @@
 """Study recipes: per-query scores, fine-tunes stored by recipe, and honest verdicts."""
+import json
+
 import numpy as np
 import pytest
 
@@ -107,3 +109,21 @@ def test_train_arms_reuses_a_recipe_and_retrains_a_changed_one(scenes, tmp_path,
     assert len(calls) == 4
     with pytest.raises(ValueError, match="not TrainConfig fields"):
         train_arms({"bad": {"alhpa": 1.0}}, "tiny-dual", scenes, tmp_path, **FINETUNE)
+
+
+def test_pretrain_ships_a_loadable_checkpoint_with_its_card_and_is_deterministic(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: tiny\ndata: {n_train: 4, n_eval: 3, seed: 1}\n"
+                      "train: {model: tiny-dual, loss: info_nce, max_steps: 3, batch_size: 8}\n")
+    card = studies.pretrain(recipe, tmp_path / "ckpt", work_dir=tmp_path / "work")
+    assert card["recipe"]["train"]["max_steps"] == 3 and set(card["p@1"]) == {"hard", "random"}
+    assert json.loads((tmp_path / "ckpt" / "pretraining.json").read_text()) == card
+    first = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    model = load_model(str(tmp_path / "ckpt"))
+    assert model.encode(["a small red circle"], [None]).shape == (1, model.embedding_dim)
+    studies.pretrain(recipe, tmp_path / "ckpt", work_dir=tmp_path / "work")
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == first
+    recipe.write_text("name: tiny\ndata: {}\ntrain: {loss: info_nce}\n")
+    with pytest.raises(ValueError, match="train.model"):
+        studies.pretrain(recipe, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
