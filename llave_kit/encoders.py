@@ -265,7 +265,8 @@ class LmmEmbedder(nn.Module):
                               return_tensors="pt")
 
     def forward(self, batch) -> torch.Tensor:
-        """Processed batch (from `tokenize`) -> (N, D) float32 unit vectors."""
+        """Processed batch (from `tokenize`) -> (N, D) unit vectors, float32 (float64 for a float64
+        model: half-precision states are promoted for the loss, double ones are kept)."""
         inputs = {k: v.to(self.device) for k, v in batch.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -273,7 +274,7 @@ class LmmEmbedder(nn.Module):
         # sees relative positions, so the embedding is unchanged and default positions suffice.
         hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # (N, T, D)
         pooled = last_token_pool(hidden, inputs["attention_mask"])  # (N, D)
-        return F.normalize(pooled.float(), dim=-1)
+        return F.normalize(pooled.to(torch.promote_types(pooled.dtype, torch.float32)), dim=-1)
 
     def encode(self, texts: Sequence[str], images: Sequence[Image.Image | None], *,
                instruction: str | None = None) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -64,6 +65,9 @@ def load_data(data: str, data_dir: str | Path | None = None, *, n_train: int | N
     if generator_parameters:
         raise ValueError(f"generator parameters {sorted(generator_parameters)} only apply to "
                          f"built-in data {BUILT_IN_DATA}, not to the folder {data!r}")
+    if n_train is not None or n_eval is not None:
+        warnings.warn(f"n_train / n_eval size the built-in scenes data; the folder {data!r} is "
+                      "read as it is", stacklevel=2)
     return load_manifest(data)
 
 

@@ -135,8 +135,8 @@ def _tokens(embedder, text, image, instruction=None):
 
 def test_prompt_puts_image_at_placeholder_or_first():
     embedder = default_model("tiny-qwen2-vl", VOCABULARY, hidden_size=HIDDEN)
-    image = [Image.new("RGB", (56, 56), "red")]
-    vision = ["<|vision_start|>", *["<|image_pad|>"] * 4, "<|vision_end|>"]
+    image = [Image.new("RGB", (84, 84), "red")]
+    vision = ["<|vision_start|>", *["<|image_pad|>"] * 9, "<|vision_end|>"]  # 3 x 3 tokens
     end = ["<|im_end|>", "<|im_start|>", "assistant"]
     head = ["<|im_start|>", "user"]
     assert _tokens(embedder, "a green <|image_1|> Cylinder", image[0]) == [
@@ -163,14 +163,14 @@ def test_instructions_change_the_embedding_and_survive_save(tmp_path):
     assert LmmEmbedder.from_pretrained(tmp_path).query_instruction == embedder.query_instruction
 
 
-def test_qwen2_vl_images_of_any_size_are_resized_to_the_56x56_budget():
+def test_qwen2_vl_images_of_any_size_are_resized_to_the_84x84_budget():
     embedder = default_model("tiny-qwen2-vl", VOCABULARY, hidden_size=HIDDEN)
-    squares = [17, 56, 200, 1000]
+    squares = [17, 84, 200, 1000]
     images = [_image(side, side, seed) for seed, side in enumerate(squares)] + [_image(200, 120, 9)]
     batch = embedder.tokenize(["a cube"] * len(images), images)
     patches = batch["image_grid_thw"]  # (n_images, 3): frames, rows, columns of 14x14 patches
-    # any square becomes 56x56: 4x4 patches, merged 2x2 -> 4 image tokens
-    assert patches[: len(squares)].tolist() == [[1, 4, 4]] * len(squares)
+    # any square becomes 84x84: 6x6 patches, merged 2x2 -> 3x3 image tokens
+    assert patches[: len(squares)].tolist() == [[1, 6, 6]] * len(squares)
     assert (patches[:, 1:] % 2 == 0).all()  # sides snap to multiples of patch x merge = 28
     n_image_tokens = (batch["input_ids"] == embedder.model.config.image_token_id).sum()
     assert n_image_tokens == (patches.prod(dim=1) // 4).sum()
@@ -200,7 +200,7 @@ def _contrastive_loss(embedder):
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_gradients_reach_trainable_parameters_and_not_frozen_vision(name):
-    embedder = default_model(name, VOCABULARY, hidden_size=HIDDEN)
+    embedder = default_model(name, VOCABULARY, hidden_size=HIDDEN, freeze_vision=True)
     _contrastive_loss(embedder).backward()
     frozen = _vision_encoder_params(embedder)
     assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)
@@ -210,9 +210,9 @@ def test_gradients_reach_trainable_parameters_and_not_frozen_vision(name):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
 
 
-def test_unfrozen_vision_encoder_gets_gradients():
-    embedder = default_model("tiny-llava-onevision", VOCABULARY, hidden_size=HIDDEN,
-                             freeze_vision=False)
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_unfrozen_vision_encoder_gets_gradients(name):
+    embedder = default_model(name, VOCABULARY, hidden_size=HIDDEN)  # random weights: it trains
     _contrastive_loss(embedder).backward()
     assert all(p.requires_grad for p in _vision_encoder_params(embedder))
     # every trainable parameter is used (none left for DDP to complain about), the encoder included
@@ -221,7 +221,8 @@ def test_unfrozen_vision_encoder_gets_gradients():
 
 
 def test_gradient_matches_finite_difference_along_a_direction():
-    embedder = default_model("tiny-qwen2-vl", VOCABULARY, hidden_size=HIDDEN).double()
+    embedder = default_model("tiny-qwen2-vl", VOCABULARY, hidden_size=HIDDEN,
+                             freeze_vision=True).double()
     params = [p for p in embedder.parameters() if p.requires_grad]
     _contrastive_loss(embedder).backward()
     generator = torch.Generator().manual_seed(0)
@@ -237,7 +238,7 @@ def test_gradient_matches_finite_difference_along_a_direction():
                 p.sub_(step * v)
         return value
 
-    eps = 1e-4
+    eps = 1e-5  # the loss is strongly curved along a random direction; RoPE runs in float32
     numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
     assert numeric == pytest.approx(analytic.item(), rel=1e-3)
 

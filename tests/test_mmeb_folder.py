@@ -43,7 +43,9 @@ def test_studies_train_and_evaluate_on_the_folder(mmeb_folder, tmp_path_factory)
     assert list(table.task) == ["MSCOCO_i2t", "ObjectNet"]
     assert table["p@1"].between(0, 1).all()
     with pytest.raises(ValueError, match="only apply to built-in data"):
-        load_data(str(mmeb_folder), n_train=3)
+        load_data(str(mmeb_folder), seed=3)
+    with pytest.warns(UserWarning, match="read as it is"):  # notebooks pass sizes whatever the data
+        assert load_data(str(mmeb_folder), n_train=3).tasks == data.tasks
 
 
 def test_empty_folder_is_an_error(tmp_path):
