@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from string import Formatter

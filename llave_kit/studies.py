@@ -31,7 +31,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from llave_kit.analysis import overlap_metrics, similarity_stats
+from llave_kit.analysis import similarity_stats
 from llave_kit.data import (
     DatasetInfo, load_image, load_manifest, make_digits_dataset, staged_directory, write_text,
 )
