@@ -375,6 +375,8 @@ def stack_scores(scores: Mapping[str, Sequence[QueryScores]]) -> dict[str, np.nd
     n_seeds = max(len(runs) for runs in scores.values())
     samples = {}
     for arm, runs in scores.items():
+        if "|" in arm:
+            raise ValueError(f"arm name {arm!r}: '|' separates arm and field in the samples")
         if len(runs) not in (1, n_seeds):
             raise ValueError(f"arm {arm!r} has {len(runs)} seeds; others have {n_seeds}")
         tasks = [run.task for run in runs]

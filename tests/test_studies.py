@@ -87,6 +87,8 @@ def test_stack_scores_repeats_a_single_model_and_rejects_mismatched_arms(untrain
     with pytest.raises(ValueError, match="has 2 seeds; others have 3"):
         stack_scores({"a": [untrained] * 2, "b": [untrained] * 3})
     shorter = untrained.subset(np.arange(len(untrained.hit)) < 6)
+    with pytest.raises(ValueError, match="separates arm and field"):
+        stack_scores({"a|b": [untrained]})
     with pytest.raises(ValueError, match="different queries"):
         stack_scores({"a": [untrained, shorter]})
 
