@@ -34,6 +34,7 @@ pretrain: setup
 
 benchmark: setup
 	$(BIN)/python benchmarks/bench_tiled_loss.py
+	$(BIN)/python benchmarks/bench_data_share.py
 
 clean:
 	rm -rf runs .pytest_cache
