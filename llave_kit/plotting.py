@@ -243,6 +243,7 @@ def plot_intervals(
     """
     frame = _as_frame(table, [x, panel, "mean", "ci_low", "ci_high"] + ([hue] if hue else []))
     panels = list(dict.fromkeys(frame[panel]))
+    categories = list(dict.fromkeys(frame[x]))  # x positions when x is not numeric
     series = list(frame.groupby(hue, sort=False)) if hue else [(None, frame)]
     offsets = np.linspace(-0.15, 0.15, len(series)) if len(series) > 1 and not connect else \
         np.zeros(len(series))
@@ -252,13 +253,12 @@ def plot_intervals(
             for offset, (label, rows) in zip(offsets, series):
                 rows = rows[rows[panel] == name]
                 positions = rows[x].to_numpy(dtype=float) if connect else \
-                    np.array([list(dict.fromkeys(frame[x])).index(v) for v in rows[x]], float)
+                    np.array([categories.index(v) for v in rows[x]], float)
                 mean, low, high = (rows[c].to_numpy(dtype=float) for c in ("mean", "ci_low", "ci_high"))
                 ax.errorbar(positions + offset, mean, yerr=np.stack([mean - low, high - mean]),
                             marker="o", capsize=4, linestyle="-" if connect else "none",
                             label=label)
             if not connect:
-                categories = list(dict.fromkeys(frame[x]))
                 ax.set_xticks(range(len(categories)), categories, rotation=20, ha="right")
             ax.set(title=str(name), xlabel=x if connect else "")
         fig.suptitle(f"{title}\n{CI_NOTE}" if title else CI_NOTE, fontsize="medium")

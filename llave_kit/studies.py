@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+import yaml
 
 from llave_kit.analysis import similarity_stats
 from llave_kit.data import (
@@ -48,6 +51,7 @@ from llave_kit.statistics import (
 from llave_kit.train import TrainConfig, TrainResult, train
 
 BUILT_IN_DATA = ("scenes", "digits")
+TRAIN_FIELDS = frozenset(TrainConfig.__dataclass_fields__)
 
 
 def load_data(data: str, data_dir: str | Path | None = None, *, n_train: int | None = None,
@@ -103,11 +107,6 @@ def pretrain(recipe_file: str | Path, out_dir: str | Path, work_dir: str | Path 
     pretraining.json beside it: the recipe, the training time, the torch build and thread count
     (CPU results are reproducible for a fixed pair), and P@1 per task on hard and random lists.
     """
-    import time
-
-    import torch
-    import yaml
-
     recipe = yaml.safe_load(Path(recipe_file).read_text())
     unknown = sorted(set(recipe) - {"name", "data", "train"})
     if unknown or "model" not in recipe.get("train", {}):
@@ -296,11 +295,10 @@ def train_arms(
     output_root/<hash of the recipe>/, with recipe.json beside the model: a recipe that was
     trained before, by this study or another one sharing output_root, is loaded, not retrained.
     """
-    fields = set(TrainConfig.__dataclass_fields__)
     start = model_fingerprint(load_model(base, data))
     checkpoints: dict[str, list[Path]] = {}
     for name, arm in arms.items():
-        unknown = sorted(set(arm) - fields)
+        unknown = sorted(set(arm) - TRAIN_FIELDS)
         if unknown:
             raise ValueError(f"arm {name!r}: {unknown} are not TrainConfig fields")
         checkpoints[name] = []
@@ -511,13 +509,13 @@ def run_variants(
     A variant is a dict of TrainConfig fields plus a "label" (its arm name); other keys
     ("group", "alpha_value", ...) describe it for tables and plots and are not trained on.
     """
-    fields = set(TrainConfig.__dataclass_fields__)
-    arms = {v["label"]: {k: value for k, value in v.items() if k in fields} for v in variants}
+    arms = {v["label"]: {k: value for k, value in v.items() if k in TRAIN_FIELDS} for v in variants}
     if len(arms) != len(variants):
         raise ValueError("variant labels must be unique")
     checkpoints = train_arms(arms, model, data, output_root, seeds=seeds, tasks=tasks,
                              **common_parameters)
-    return score_arms(checkpoints, data, level=level, tasks=tasks, cache_dir=cache_dir)
+    return score_arms(checkpoints, data, level=level, tasks=tasks, cache_dir=cache_dir,
+                      device=common_parameters.get("device"))  # score where the runs trained
 
 
 def variant_intervals(variants: Sequence[dict], samples: Mapping[str, np.ndarray],
@@ -525,7 +523,6 @@ def variant_intervals(variants: Sequence[dict], samples: Mapping[str, np.ndarray
                       n_resamples: int = 2000) -> pd.DataFrame:
     """`arm_intervals` with each variant's descriptive keys ("group", "alpha_value", ...)."""
     table = arm_intervals(samples, metrics, n_resamples).rename(columns={"arm": "label"})
-    fields = set(TrainConfig.__dataclass_fields__)
-    described = pd.DataFrame([{k: v for k, v in variant.items() if k not in fields}
+    described = pd.DataFrame([{k: v for k, v in variant.items() if k not in TRAIN_FIELDS}
                               for variant in variants])
     return table.merge(described, on="label", how="left")

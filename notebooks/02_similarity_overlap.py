@@ -92,7 +92,7 @@ readings.round(4)
 # %%
 table = intervals_record(intervals)
 record_metrics({
-    "p_at_1_hard" if level == "hard" else f"p_at_1_{level}": table["p@1"],
+    f"p_at_1_{level}": table["p@1"],
     "table1": {metric: values for metric, values in table.items() if metric != "p@1"},
     "effects": readings.to_dict("records"),
     "verdicts": verdict_counts(readings),

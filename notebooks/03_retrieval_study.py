@@ -95,9 +95,7 @@ figure
 # %%
 record_metrics({
     "p_at_1": overall,
-    "p_at_1_by_meta_task": {level: {meta: {row["arm"]: {k: float(row[k]) for k in ("mean", "ci_low", "ci_high")}
-                                           for _, row in rows.iterrows()}
-                                    for meta, rows in frame.groupby("meta_task")}
+    "p_at_1_by_meta_task": {level: {meta: intervals_record(rows)["p@1"] for meta, rows in frame.groupby("meta_task")}
                             for level, frame in by_meta_task.groupby("level")},
     "effects": effects.to_dict("records"),
 })

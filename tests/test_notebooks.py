@@ -70,9 +70,8 @@ def test_summary_reports_the_metrics_the_notebooks_recorded(executed):
     gap = overlap["table1"]["gap"]["weighted"]["mean"]
     assert f"| table1.gap.weighted.mean | {gap:.4g} |" in summary
     assert set(overlap["p_at_1_hard"]) == {"before", "info_nce", "weighted"}
-    for interval in overlap["p_at_1_hard"].values():
-        assert interval["ci_low"] <= interval["mean"] <= interval["ci_high"] or \
-            interval["ci_low"] <= interval["ci_high"]
+    for interval in overlap["p_at_1_hard"].values():  # percentile bounds are ordered; the mean
+        assert interval["ci_low"] <= interval["ci_high"]  # may fall outside them (skewed cases)
     readings = {effect["reading"]: effect for effect in overlap["effects"]}
     assert any("P@1" in reading for reading in readings)
     assert all(e["verdict"] in ("reproduced", "contradicted", "inconclusive")
