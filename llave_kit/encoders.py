@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -203,6 +204,21 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
 # The embedder
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "owner/name", e.g. "Qwen/Qwen2-VL-2B-Instruct"
+
+
+def missing_checkpoint(name_or_path: str | os.PathLike) -> str | None:
+    """"no checkpoint folder at …" when `name_or_path` can only be a local folder and none
+    exists there; None when it exists or can be a hub id ("owner/name" where "owner" is not a
+    local folder). "runs/x/final", "./model" and "~/model" are folders."""
+    name = os.fspath(name_or_path)
+    if os.path.exists(os.path.expanduser(name)):
+        return None
+    if HUB_ID.fullmatch(name) and not os.path.isdir(name.split("/")[0]):
+        return None
+    return f"no checkpoint folder at {name}"
+
+
 class LmmEmbedder(nn.Module):
     """A vision-language model as an embedder: last-token, final-layer, L2-normalised.
 
@@ -316,9 +332,9 @@ class LmmEmbedder(nn.Module):
 
         dtype None keeps transformers' default; device None leaves the model on the CPU.
         """
-        name_or_path = os.fspath(name_or_path)
-        if name_or_path.startswith((os.sep, ".", "~")) and not os.path.isdir(name_or_path):
-            raise FileNotFoundError(f"no checkpoint folder at {name_or_path}")
+        if problem := missing_checkpoint(name_or_path):
+            raise FileNotFoundError(problem)
+        name_or_path = os.path.expanduser(os.fspath(name_or_path))
         family = _family(AutoConfig.from_pretrained(name_or_path).model_type)
         kwargs = {} if dtype is None else {"dtype": dtype}
         model = family.model_class.from_pretrained(name_or_path, **kwargs)
@@ -511,8 +527,9 @@ def load_embedder(model: str, vocabulary: Iterable[str] | None = None, **kwargs)
         return TinyDualEmbedder.build(vocabulary or _scenes_vocabulary(), **kwargs)
     if model in MODEL_NAMES:
         return default_model(model, vocabulary, **kwargs)
+    if model.startswith("tiny-") and not os.path.exists(model):  # a typo, not a hub download
+        raise ValueError(f"unknown default model {model!r}; choose one of {list(CPU_MODELS)}")
+    model = os.path.expanduser(model)
     if TinyDualEmbedder.is_saved_in(model):
         return TinyDualEmbedder.from_pretrained(model, **kwargs)
-    if model.startswith("tiny-"):  # a mistyped default name must not become a hub download
-        raise ValueError(f"unknown default model {model!r}; choose one of {list(CPU_MODELS)}")
     return LmmEmbedder.from_pretrained(model, **kwargs)

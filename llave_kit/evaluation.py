@@ -38,12 +38,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from llave_kit.analysis import (
     as_float_array, l2_normalize, similarity_chunks, similarity_stats, to_numpy,
 )
 from llave_kit.data import EvalDataset, atomic_path
+from llave_kit.progress import progress_bar
 
 EncodeFn = Callable[[list, list], "torch.Tensor | np.ndarray"]
 
@@ -292,7 +292,7 @@ def model_fingerprint(model: torch.nn.Module, extra: str = "") -> str:
 
 def _encode_all(encode_fn, texts, images, batch_size, progress, desc) -> np.ndarray:
     chunks = []
-    with torch.no_grad(), tqdm(total=len(texts), desc=desc, disable=not progress) as bar:
+    with torch.no_grad(), progress_bar(total=len(texts), desc=desc, disable=not progress) as bar:
         for start in range(0, len(texts), batch_size):
             batch_texts = list(texts[start:start + batch_size])
             out = to_numpy(encode_fn(batch_texts, list(images[start:start + batch_size])))

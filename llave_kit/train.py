@@ -65,11 +65,11 @@ import torch.nn as nn
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
 
 from llave_kit.data import write_text
 from llave_kit.distributed import is_distributed, rank, world_size
 from llave_kit.losses import make_loss
+from llave_kit.progress import progress_bar
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("cosine", "constant")
@@ -836,8 +836,8 @@ def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable |
     if eval_fn is not None and start_step == 0:
         evals.append(_evaluate(run, eval_fn, 0))  # the starting point, for "before vs after"
     clock = time.perf_counter() - elapsed  # elapsed_s continues across resumes
-    progress = tqdm(range(start_step + 1, run.total_steps + 1), initial=start_step,
-                    total=run.total_steps, desc="train", disable=not run.runtime.is_main)
+    progress = progress_bar(range(start_step + 1, run.total_steps + 1), initial=start_step,
+                            total=run.total_steps, desc="train", disable=not run.runtime.is_main)
     for step in progress:
         record = _train_step(run, batches, step, checkpoint)
         record["elapsed_s"] = time.perf_counter() - clock

@@ -19,17 +19,23 @@
 # The shared starting checkpoint and its fine-tunes (one per arm and training seed, the same runs
 # as the overlap study) are scored on each task's candidate lists at two hardness levels: **hard**
 # lists (every wrong candidate differs from the truth in one attribute, the headline) and
-# **random** lists (which nearly saturate at this scale and are shown for contrast). MMEB's metric
-# is P@1 with candidate 0 the positive; a tie counts against the positive. Intervals are 95 %
-# bootstrap CIs over training seeds and queries.
+# **random** lists (which nearly saturate at this scale and are shown for contrast).
+#
+# **P@1** is MMEB's metric: the share of queries whose most similar candidate is the positive
+# (candidate 0); a tie counts against the positive. With 8 candidates, chance is 0.125. The tasks
+# are grouped by MMEB's meta-tasks: classification, VQA, retrieval and visual grounding. Intervals
+# are 95 % bootstrap CIs over training seeds and queries; a gain whose interval contains 0 is
+# inconclusive.
+#
+# After `make reproduce` the fine-tunes are found in `train_dir` and the notebook runs in seconds.
 
 # %% tags=["parameters"]
-base_checkpoint = "../checkpoints/tiny-dual-scenes"
+base_checkpoint = "checkpoints/tiny-dual-scenes"
 arms = {"info_nce": {"loss": "info_nce"}, "weighted": {"loss": "hardness_weighted", "alpha": 9.0}}
 finetune = {"max_steps": 300, "lr": 1e-3, "temperature": 0.02, "batch_size": 64, "device": "cpu"}
 seeds = [0, 1, 2]
 data = "scenes"
-data_dir = "../runs/notebooks/data/scenes"
+data_dir = "runs/cpu_demo/data/scenes"  # paths are relative to the repository root
 n_train = 6000
 n_eval = 200
 levels = ["hard", "random"]
@@ -38,20 +44,23 @@ failure_task = "ret_i2t"
 failure_level = "hard"
 failures_shown = 6
 n_resamples = 2000
-train_dir = "../runs/notebooks/finetunes"
-cache_dir = None
-figures_dir = "../runs/notebooks/figures/retrieval"
+train_dir = "runs/cpu_demo/finetunes"  # fine-tunes by recipe, shared with the other studies
+cache_dir = "runs/cpu_demo/embedding_cache"
+figures_dir = "figures/notebooks/retrieval"
 
 # %%
 import pandas as pd
 from IPython.display import display
 
+from llave_kit.notebook import start
 from llave_kit.pipeline import record_metrics
 from llave_kit.plotting import plot_effects, plot_failure_cases, plot_intervals, save_figure
 from llave_kit.studies import (
     arm_difference, arm_intervals, hardest_failures, intervals_record, load_data, load_model,
     meta_task_intervals, score_arms, stack_scores, train_arms,
 )
+
+start(checkpoints=[base_checkpoint], data=data)
 
 # %%
 dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval)
@@ -74,12 +83,21 @@ figure = plot_intervals(by_meta_task.assign(panel=by_meta_task.level + " lists: 
 save_figure(figure, f"{figures_dir}/p_at_1")
 figure
 
+# %% [markdown]
+# **What to look for:** how far each fine-tune rises above "before" on hard lists, per meta-task;
+# random lists sit near 1 for every model. Where the arms' intervals overlap, the paired gain below
+# decides.
+
 # %%
 effects = pd.DataFrame(effects)
 figure = plot_effects(effects, title="P@1 gain of weighting over InfoNCE")
 save_figure(figure, f"{figures_dir}/p_at_1_gain")
 display(figure)
 effects.round(4)
+
+# %% [markdown]
+# **What to look for:** whether each level's interval excludes 0 — only then does weighting beat
+# InfoNCE on P@1 here.
 
 # %% [markdown]
 # ## The hardest failures
@@ -91,6 +109,10 @@ failures = hardest_failures(model, dataset, failure_task, failure_level, failure
 figure = plot_failure_cases(failures, title=f"{failure_arm} (seed {seeds[0]}): hardest failures on {failure_task}")
 save_figure(figure, f"{figures_dir}/failures_{failure_task}")
 figure
+
+# %% [markdown]
+# **What to look for:** the highlighted words — the one attribute in which the model's choice
+# differs from the positive; a margin near 0 is a near-tie, a large one a confident mistake.
 
 # %%
 record_metrics({

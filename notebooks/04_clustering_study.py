@@ -16,37 +16,48 @@
 # %% [markdown]
 # # Clustering: do the embeddings group images by what they show?
 #
-# k-means on image embeddings, scored by NMI, ARI and purity against the true labels, with 2-D
-# projections. Two image sets: scikit-learn's **digits** (real handwritten digits; the shared starting
-# checkpoint is fine-tuned on digit-caption pairs with InfoNCE and with hardness weighting) and the
-# **scenes** data's single-object images (labelled by shape), embedded by one training seed's
-# fine-tune of each arm (the runs the overlap study trains, loaded from `train_dir`, not retrained).
+# k-means on image embeddings (as many clusters as labels), scored against the true labels, with
+# 2-D projections. Two image sets: scikit-learn's **digits** (real handwritten digits; the shared
+# starting checkpoint is fine-tuned on digit-caption pairs with InfoNCE and with hardness
+# weighting) and the **scenes** data's single-object images (labelled by shape), embedded by one
+# training seed's fine-tune of each arm (the runs the overlap study trains, loaded from
+# `train_dir`, not retrained).
+#
+# - **NMI** (normalised mutual information): how much knowing the cluster tells about the label,
+#   0 (nothing) to 1 (clusters are the labels);
+# - **ARI** (adjusted Rand index): agreement of cluster and label on every pair of images,
+#   corrected for chance — 0 is chance level, 1 perfect;
+# - **purity**: the share of images that carry their cluster's most common label.
+#
+# One training seed, so these are single numbers without intervals: read them as a picture of
+# the embeddings, not as a comparison.
 
 # %% tags=["parameters"]
-base_checkpoint = "../checkpoints/tiny-dual-scenes"
+base_checkpoint = "checkpoints/tiny-dual-scenes"
 arms = {"info_nce": {"loss": "info_nce"}, "weighted": {"loss": "hardness_weighted", "alpha": 9.0}}
 finetune = {"max_steps": 300, "lr": 1e-3, "temperature": 0.02, "batch_size": 64, "device": "cpu"}
 training_seed = 0  # which seed's fine-tunes to cluster with
-data_dir = "../runs/notebooks/data/scenes"
+data_dir = "runs/cpu_demo/data/scenes"  # paths are relative to the repository root
 n_train = 6000
 n_eval = 200
-train_dir = "../runs/notebooks/finetunes"
-digits_dir = "../runs/notebooks/data/digits"
-digits_steps = 60
+train_dir = "runs/cpu_demo/finetunes"  # the overlap study's fine-tunes, by recipe
+digits_dir = "runs/cpu_demo/data/digits"
+digits_steps = 150
 seed = 0  # k-means and projection seed
 projection = "tsne"  # "tsne", "pca" or "umap" (needs umap-learn)
-output_dir = "../runs/notebooks/clustering"
-figures_dir = "../runs/notebooks/figures/clustering"
+output_dir = "runs/cpu_demo/clustering"  # the digits fine-tunes, by recipe
+figures_dir = "figures/notebooks/clustering"
 
 # %%
 import pandas as pd
 
 from llave_kit.evaluation import cluster_embeddings, project_2d
+from llave_kit.notebook import start
 from llave_kit.pipeline import record_metrics
 from llave_kit.plotting import plot_metric_bars, plot_projection, save_figure
-from llave_kit.studies import (
-    embed_images, labelled_images, load_data, load_model, train_arms,
-)
+from llave_kit.studies import embed_images, labelled_images, load_data, load_model, train_arms
+
+start(checkpoints=[base_checkpoint])
 
 # %% [markdown]
 # ## Digits: fine-tune on digit captions, then cluster the held-out digit images
@@ -78,6 +89,10 @@ figure = plot_projection(projections, scores={t: {k: s[k] for k in ("nmi", "ari"
 save_figure(figure, f"{figures_dir}/projections")
 figure
 
+# %% [markdown]
+# **What to look for:** tight, separate islands of one colour mean the embedding groups images by
+# their label; the projection only draws neighbourhoods, so distances between islands mean little.
+
 # %%
 long = pd.DataFrame([{"model": title, "metric": metric, "value": value}
                      for title, s in scores.items() for metric, value in s.items()
@@ -85,6 +100,10 @@ long = pd.DataFrame([{"model": title, "metric": metric, "value": value}
 figure = plot_metric_bars(long, x="metric", y="value", hue="model")
 save_figure(figure, f"{figures_dir}/clustering_scores")
 figure
+
+# %% [markdown]
+# **What to look for:** the same label set (digits or scenes) compared across arms; the two data
+# sets differ in difficulty, so compare within one, not across.
 
 # %%
 record_metrics({title: {k: float(s[k]) for k in ("nmi", "ari", "purity")} for title, s in scores.items()})

@@ -27,16 +27,22 @@
 #    `pool_factor` devices, it also sees `pool_factor` times more pairs in the same steps) → + focal
 #    InfoNCE → + hardness weighting.
 #
-# All intervals are 95 % bootstrap CIs over training seeds and queries, paired where runs share them.
-# Fine-tunes with the same recipe as another study's (α = 0 and α = 9 are the overlap study's arms)
-# are loaded from `train_dir`, not trained again.
+# Metrics on hard candidate lists (8 candidates, every wrong one a single attribute off): **P@1**,
+# the share of queries whose most similar candidate is the positive (chance 0.125); **gap**, mean
+# positive similarity minus the mean of the 5 most similar wrong candidates; **AUROC**, the
+# probability that a positive scores above one of its hard negatives (0.5 none, 1 perfect).
+#
+# All intervals are 95 % bootstrap CIs over training seeds and queries, paired where runs share them;
+# a difference whose interval contains 0 is inconclusive. Fine-tunes with the same recipe as
+# another study's (α = 0 and α = 9 are the overlap study's arms) are loaded from `train_dir`, not
+# trained again: after `make reproduce` this notebook runs in seconds.
 
 # %% tags=["parameters"]
-base_checkpoint = "../checkpoints/tiny-dual-scenes"
+base_checkpoint = "checkpoints/tiny-dual-scenes"
 finetune = {"max_steps": 300, "lr": 1e-3, "temperature": 0.02, "batch_size": 64, "device": "cpu"}
 seeds = [0, 1, 2]
 data = "scenes"
-data_dir = "../runs/notebooks/data/scenes"
+data_dir = "runs/cpu_demo/data/scenes"  # paths are relative to the repository root
 n_train = 6000
 n_eval = 200
 alphas = [0.0, 3.0, 9.0]
@@ -47,21 +53,23 @@ pool_factor = 4
 ladder_alpha = 9.0
 level = "hard"
 n_resamples = 2000
-train_dir = "../runs/notebooks/finetunes"
-cache_dir = None
-figures_dir = "../runs/notebooks/figures/alpha_sweep"
+train_dir = "runs/cpu_demo/finetunes"  # fine-tunes by recipe, shared with the other studies
+cache_dir = "runs/cpu_demo/embedding_cache"
+figures_dir = "figures/notebooks/alpha_sweep"
 
 # %%
 import pandas as pd
 from IPython.display import display
 
+from llave_kit.notebook import start
 from llave_kit.pipeline import record_metrics
 from llave_kit.plotting import plot_effects, plot_intervals, save_figure
 from llave_kit.studies import (
     ablation_ladder_variants, alpha_sweep_variants, arm_difference, intervals_record, load_data,
-    run_variants,
-    stack_scores, variant_intervals,
+    run_variants, stack_scores, variant_intervals,
 )
+
+start(checkpoints=[base_checkpoint], data=data)
 
 # %%
 dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval)
@@ -73,11 +81,17 @@ sweep = variant_intervals(variants, samples, n_resamples=n_resamples)
 sweep.pivot_table(index=["group", "alpha_value"], columns="metric", values="mean").round(3)
 
 # %%
-figure = plot_intervals(sweep, x="alpha_value", hue="group", connect=True,
-                        title=f"Fine-tuning at τ = {temperature:g}: hardness weighting against α, "
-                              "and InfoNCE at the matched temperature 1/τ' = 1/τ + α")
+figure = plot_intervals(sweep, x="alpha_value", hue="group", connect=True, xlabel="α (hardness strength)",
+                        legend_title="", title=f"Fine-tuning at τ = {temperature:g} against α",
+                        caption="The temperature-matched control is InfoNCE at τ' with 1/τ' = 1/τ + α, "
+                                "drawn at the α it matches; α = 0 is plain InfoNCE at τ.")
 save_figure(figure, f"{figures_dir}/alpha_sweep")
 figure
+
+# %% [markdown]
+# **What to look for:** how the gap and P@1 move as α grows, and whether the control (InfoNCE at
+# the matched temperature) lands where weighting does at the same α — if so, weighting acts as a
+# sharper temperature there. Read each panel's y range: small ranges are stated on the panel.
 
 # %% [markdown]
 # ## What weighting adds: differences with 95 % CIs
@@ -103,6 +117,9 @@ save_figure(figure, f"{figures_dir}/effects")
 display(figure)
 effects.round(4)
 
+# %% [markdown]
+# **What to look for:** only differences whose interval stays on one side of 0 say anything.
+
 # %%
 if ladder:
     rungs = ablation_ladder_variants(ladder_batch_size, pool_factor, ladder_alpha, temperature)
@@ -113,10 +130,15 @@ if ladder:
     steps = [arm_difference(ladder_samples, upper["label"], lower["label"], "p@1",
                             f"{upper['label']} vs {lower['label'][2:]}: P@1 gain", +1, n_resamples)
              for lower, upper in zip(rungs, rungs[1:])]
-    figure = plot_intervals(ladder_table, x="label", title="The ablation ladder (LLaVE's Table 5 order)")
+    figure = plot_intervals(ladder_table, x="label", xlabel="rung (each adds one change to the one before)",
+                            title="The ablation ladder (LLaVE's Table 5 order)")
     save_figure(figure, f"{figures_dir}/ablation_ladder")
     display(figure)
     display(pd.DataFrame(steps).round(4))
+
+# %% [markdown]
+# **What to look for:** which step moves P@1 most. In the paper the cross-device negatives (rung 2)
+# are the largest step.
 
 # %%
 metrics = {"sweep": intervals_record(sweep, key="label"), "effects": effects.to_dict("records"),

@@ -18,6 +18,7 @@ from llave_kit.encoders import (
     build_word_tokenizer,
     default_model,
     load_embedder,
+    missing_checkpoint,
 )
 from llave_kit.losses import info_nce
 
@@ -323,3 +324,24 @@ def test_bad_model_names_and_folders_raise():
         load_embedder("./no-such-checkpoint")
     with pytest.raises(ValueError, match="hidden_size must be a multiple of 16, at least 32"):
         default_model("tiny-qwen2-vl", VOCABULARY, hidden_size=40)
+
+
+def test_missing_checkpoint_tells_local_folders_from_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "train" / "final").mkdir(parents=True)
+    assert missing_checkpoint("runs/train/final") is None
+    assert missing_checkpoint("Qwen/Qwen2-VL-2B-Instruct") is None  # cannot be checked offline
+    assert missing_checkpoint("runs/other") == "no checkpoint folder at runs/other"  # runs/ is local
+    for path in ("runs/pretrain/final", "../checkpoints/x", "./model", "~/no-such-model-here"):
+        assert missing_checkpoint(path) == f"no checkpoint folder at {path}"
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder at runs/pretrain/final"):
+        load_embedder("runs/pretrain/final")
+
+
+def test_a_checkpoint_path_with_a_tilde_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    saved = default_model("tiny-qwen2-vl", VOCABULARY, hidden_size=HIDDEN)
+    saved.save_pretrained(tmp_path / "model")
+    loaded = load_embedder("~/model")
+    texts = ["a green cylinder"]
+    torch.testing.assert_close(loaded.encode(texts, [None]), saved.encode(texts, [None]))
