@@ -12,8 +12,8 @@ that scores everything equally therefore gets P@1 = 0, not 1. MMEB's official sc
 `argmax(scores) == 0`, which resolves ties in the positive's favour; the two agree unless a
 candidate scores exactly like the positive (a duplicate of it, or collapsed embeddings).
 
-Clustering. k-means on L2-normalised embeddings, scored against labels by NMI, ARI and purity
-(computed from the contingency table, formulas in each docstring); 2-D projections for plots.
+Clustering. k-means on L2-normalised embeddings, scored against labels by NMI and ARI
+(scikit-learn's) and purity; 2-D projections for plots.
 
 Embedding. `embed_in_batches` runs any `encode_fn(texts, images) -> (n, D)` over a data set in
 batches with a tqdm bar and, given `cache_dir`, caches the result in an .npz keyed by the caller's
@@ -38,6 +38,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
 
 from llave_kit.analysis import (
     as_float_array, l2_normalize, similarity_chunks, similarity_stats, to_numpy,
@@ -106,60 +109,9 @@ def gallery_metrics(
 # Clustering
 
 
-def contingency_table(labels, clusters) -> np.ndarray:
-    """n_uv = #{i : labels_i = u and clusters_i = v}, shape (classes, clusters)."""
-    labels, clusters = to_numpy(labels), to_numpy(clusters)
-    if labels.ndim != 1 or labels.shape != clusters.shape or len(labels) == 0:
-        raise ValueError(f"labels and clusters must be equal-length non-empty 1-D arrays, got "
-                         f"{labels.shape} and {clusters.shape}")
-    _, label_ids = np.unique(labels, return_inverse=True)
-    _, cluster_ids = np.unique(clusters, return_inverse=True)
-    table = np.zeros((label_ids.max() + 1, cluster_ids.max() + 1), dtype=np.int64)
-    np.add.at(table, (label_ids, cluster_ids), 1)
-    return table
-
-
-def _entropy(counts: np.ndarray) -> float:
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def normalized_mutual_info(labels, clusters) -> float:
-    """NMI = I(U; V) / ((H(U) + H(V)) / 2), natural logs (scikit-learn's arithmetic default).
-
-    I(U; V) = sum_uv (n_uv / n) log(n n_uv / (a_u b_v)), a and b the row and column sums.
-    Both partitions trivial (one group each): 1.
-    """
-    table = contingency_table(labels, clusters)
-    n, a, b = table.sum(), table.sum(axis=1), table.sum(axis=0)
-    u, v = np.nonzero(table)
-    n_uv = table[u, v]
-    mutual_info = float(np.sum(n_uv / n * np.log(n * n_uv / (a[u] * b[v]))))
-    mean_entropy = (_entropy(a) + _entropy(b)) / 2
-    return 1.0 if mean_entropy == 0 else mutual_info / mean_entropy
-
-
-def adjusted_rand_index(labels, clusters) -> float:
-    """ARI (Hubert & Arabie 1985): pair agreement corrected for chance.
-
-        index = sum_uv C(n_uv, 2),  A = sum_u C(a_u, 2),  B = sum_v C(b_v, 2),  E = A B / C(n, 2)
-        ARI = (index - E) / ((A + B) / 2 - E)
-    The denominator is 0 only when both partitions are all-singletons or both one group: 1.
-    """
-    table = contingency_table(labels, clusters)
-
-    def pairs(counts):
-        return float(np.sum(counts * (counts - 1) / 2))
-
-    index, a, b = pairs(table), pairs(table.sum(axis=1)), pairs(table.sum(axis=0))
-    expected = a * b / pairs(np.array([table.sum()])) if table.sum() > 1 else 0.0
-    denominator = (a + b) / 2 - expected
-    return 1.0 if denominator == 0 else (index - expected) / denominator
-
-
 def purity(labels, clusters) -> float:
     """Purity = (1/n) sum_v max_u n_uv: the share of items in their cluster's majority class."""
-    table = contingency_table(labels, clusters)
+    table = contingency_matrix(to_numpy(labels), to_numpy(clusters))  # (classes, clusters)
     return float(table.max(axis=0).sum() / table.sum())
 
 
@@ -183,16 +135,14 @@ def cluster_embeddings(
     Rows are normalised first so clusters follow cosine similarity, the geometry the embedder is
     trained and used in. n_clusters defaults to the number of distinct labels.
     """
-    from sklearn.cluster import KMeans
-
     x = l2_normalize(as_float_array(emb, "emb"), "emb")
     labels = to_numpy(labels)
     if x.ndim != 2 or len(x) != len(labels):
         raise ValueError(f"emb (N, D) and labels (N,) disagree: {x.shape} vs {labels.shape}")
     n_clusters = n_clusters or len(np.unique(labels))
     clusters = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(x)
-    return ClusteringResult(clusters, normalized_mutual_info(labels, clusters),
-                            adjusted_rand_index(labels, clusters), purity(labels, clusters))
+    return ClusteringResult(clusters, float(normalized_mutual_info_score(labels, clusters)),
+                            float(adjusted_rand_score(labels, clusters)), purity(labels, clusters))
 
 
 def project_2d(

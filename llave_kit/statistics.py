@@ -184,6 +184,8 @@ def auroc(pos, neg) -> float:
         upto(p)  = #{neg <= p} = searchsorted(neg, p, "right")
     and a tie (upto - below) counts 1/2, so
         AUROC = sum_p (below(p) + upto(p)) / (2 n_pos n_neg)       in O((n_pos + n_neg) log n_neg).
+    It equals `sklearn.metrics.roc_auc_score` (tested) and is kept because the bootstrap calls it
+    thousands of times per interval: 0.6 ms against sklearn's 5 ms for 3,600 vs 18,000 values.
     """
     pos = np.asarray(pos, dtype=np.float64).ravel()
     neg = np.sort(np.asarray(neg, dtype=np.float64).ravel())
