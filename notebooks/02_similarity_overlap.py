@@ -62,7 +62,9 @@ from IPython.display import display
 
 from llave_kit.notebook import start
 from llave_kit.pipeline import record_metrics
-from llave_kit.plotting import plot_effects, plot_intervals, plot_similarity_distributions, save_figure
+from llave_kit.plotting import (
+    metric_titles, plot_effects, plot_intervals, plot_similarity_distributions, save_figure,
+)
 from llave_kit.studies import (
     arm_intervals, intervals_record, load_data, paper_readings, pooled_distributions, score_arms,
     stack_scores, train_arms, verdict_counts,
@@ -83,7 +85,7 @@ intervals.pivot(index="arm", columns="metric", values=["mean", "ci_low", "ci_hig
 # ## Distributions: positives vs hard and easy negatives (every seed's queries pooled)
 
 # %%
-figure = plot_similarity_distributions({arm: pooled_distributions(runs) for arm, runs in scores.items()})
+figure = plot_similarity_distributions({arm: pooled_distributions(runs) for arm, runs in scores.items()}, k=k)
 save_figure(figure, f"{figures_dir}/similarity_overlap")
 figure
 
@@ -95,7 +97,8 @@ figure
 # ## Table 1 with intervals: P@1, mean positive / top-5 hard / bottom-5 easy similarity, gap, AUROC
 
 # %%
-figure = plot_intervals(intervals, x="arm", title=f"{level} candidate lists, {len(seeds)} seeds per arm")
+figure = plot_intervals(intervals, x="arm", title=f"{level} candidate lists, {len(seeds)} seeds per arm",
+                        panel_titles=metric_titles(k, level))
 save_figure(figure, f"{figures_dir}/table1_intervals")
 figure
 

@@ -85,7 +85,8 @@ for name, (path,) in scenes_models.items():
 scores = {title: cluster_embeddings(emb, labels, seed=seed).as_dict() for title, (emb, labels) in embeddings.items()}
 projections = {title: (project_2d(emb, method=projection, seed=seed), labels)
                for title, (emb, labels) in embeddings.items()}
-figure = plot_projection(projections, scores={t: {k: s[k] for k in ("nmi", "ari")} for t, s in scores.items()}, ncols=2)
+figure = plot_projection(projections, scores={t: {k: s[k] for k in ("nmi", "ari")} for t, s in scores.items()},
+                         ncols=2, method=projection)
 save_figure(figure, f"{figures_dir}/projections")
 figure
 

@@ -63,7 +63,7 @@ from IPython.display import display
 
 from llave_kit.notebook import start
 from llave_kit.pipeline import record_metrics
-from llave_kit.plotting import plot_effects, plot_intervals, save_figure
+from llave_kit.plotting import metric_titles, plot_effects, plot_intervals, save_figure
 from llave_kit.studies import (
     ablation_ladder_variants, alpha_sweep_variants, arm_difference, intervals_record, load_data,
     run_variants, stack_scores, variant_intervals,
@@ -83,6 +83,7 @@ sweep.pivot_table(index=["group", "alpha_value"], columns="metric", values="mean
 # %%
 figure = plot_intervals(sweep, x="alpha_value", hue="group", connect=True, xlabel="α (hardness strength)",
                         legend_title="", title=f"Fine-tuning at τ = {temperature:g} against α",
+                        panel_titles=metric_titles(level=level),
                         caption="The temperature-matched control is InfoNCE at τ' with 1/τ' = 1/τ + α, "
                                 "drawn at the α it matches; α = 0 is plain InfoNCE at τ.")
 save_figure(figure, f"{figures_dir}/alpha_sweep")
@@ -131,7 +132,7 @@ if ladder:
                             f"{upper['label']} vs {lower['label'][2:]}: P@1 gain", +1, n_resamples)
              for lower, upper in zip(rungs, rungs[1:])]
     figure = plot_intervals(ladder_table, x="label", xlabel="rung (each adds one change to the one before)",
-                            title="The ablation ladder (LLaVE's Table 5 order)")
+                            title="The ablation ladder (LLaVE's Table 5 order)", panel_titles=metric_titles(level=level))
     save_figure(figure, f"{figures_dir}/ablation_ladder")
     display(figure)
     display(pd.DataFrame(steps).round(4))
