@@ -18,9 +18,9 @@ For each run, papermill executes the notebook into `runs/<pipeline>/<run>.ipynb`
 declare `output_dir` / `figures_dir` parameters receive `runs/<pipeline>/<run>/` and
 `figures/<pipeline>/<run>/`; `{runs_dir}` and `{figures_dir}` in string parameters expand to the
 pipeline's folders, so a run can read what an earlier one wrote. Notebooks report numbers with
-`record_metrics({...})`; the summary (`figures/<pipeline>/summary.md`) reads them back from the
-executed notebooks, next to each run's figures, and `summary.json` beside it holds the same
-statuses and metrics for programs:
+`record_metrics({...})`, which shows them as tables and stores them in the executed notebook. At
+the end the pipeline reads them back into `figures/<pipeline>/summary.json`, for programs, and
+renders it (`llave_kit.report`) as summary.md and summary.html beside it, for people:
 
     {"pipeline": name, "finished": ISO time, "counts": {"ran": n, "cached": n, "failed": n,
      "blocked": n}, "runs": {run: {"status", "seconds", "notebook", "error" (or null),
@@ -28,7 +28,7 @@ statuses and metrics for programs:
 
 Non-finite floats among the metrics are written as null, so the file is strict JSON. (Jupyter's
 messaging currently turns a recorded nan/inf into the string "nan"/"inf" before it reaches the
-notebook; such strings stay as they are, in both summaries.)
+notebook; such strings stay as they are, in every summary.)
 
 Guarantees:
 - parameter names a notebook does not declare are rejected before anything runs;
@@ -57,19 +57,26 @@ import nbformat
 import yaml
 
 from llave_kit.data import write_text
+from llave_kit.report import duration, metrics_html, metrics_text, write_reports
 
 METRICS_MIME = "application/vnd.llave-kit.metrics+json"
 RUN_KEYS = {"name", "notebook", "parameters", "grid", "depends_on"}
 PIPELINE_KEYS = {"name", "defaults", "runs"}
 STATUSES = ("ran", "cached", "failed", "blocked")
+SUMMARY_FILES = ("summary.json", "summary.md", "summary.html")
 
 
 def record_metrics(metrics: dict) -> None:
-    """Call in a notebook's last cell: shows `metrics` and stores them for the pipeline summary."""
+    """Call in a notebook's last cell: shows `metrics` as tables and stores them for the summary.
+
+    The frontend shows the HTML tables (or their plain-text twin); the pipeline reads back only
+    the METRICS_MIME entry of the same output.
+    """
     from IPython.display import display
 
     payload = json.loads(json.dumps(metrics, default=float))  # fail early on non-JSON values
-    display({METRICS_MIME: payload, "text/plain": json.dumps(payload, indent=1)}, raw=True)
+    display({METRICS_MIME: payload, "text/html": metrics_html(payload), "text/plain": metrics_text(payload)},
+            raw=True)
 
 
 def read_metrics(notebook_path: str | Path) -> dict:
@@ -286,16 +293,35 @@ def _execute(pipeline: Pipeline, run: Run, parameters: dict, declared: set[str],
     return Outcome(run, "ran" if error is None else "failed", seconds, error, fingerprint)
 
 
+def _print_now(message: str) -> None:
+    print(message, flush=True)  # a `make reproduce > log` shows each run as it starts and ends
+
+
+def _describe(outcome: Outcome) -> str:
+    if outcome.status == "ran":
+        return f"ran in {duration(outcome.seconds)}"
+    if outcome.status == "failed":
+        return f"failed after {duration(outcome.seconds)} ({outcome.error})"
+    if outcome.status == "cached":
+        return "cached (unchanged since it last succeeded)"
+    return f"blocked ({outcome.error})"
+
+
 def run_pipeline(pipeline: Pipeline, force: bool = False, log=None) -> list[Outcome]:
-    """Execute every run in order (skipping unchanged successes unless `force`), then summarise."""
-    log = log or print
+    """Execute every run in order (skipping unchanged successes unless `force`), then summarise.
+
+    `log` receives one line as each run starts and ends, saying which run of how many and the
+    time elapsed; by default they are printed at once.
+    """
+    log = log or _print_now
     check_parameters(pipeline)
     pipeline.runs_dir.mkdir(parents=True, exist_ok=True)
-    summary, summary_json = pipeline.figures_dir / "summary.md", pipeline.figures_dir / "summary.json"
-    for path in (summary, summary_json):  # until this invocation finishes, none claims to be current
-        path.unlink(missing_ok=True)
+    for name in SUMMARY_FILES:  # until this invocation finishes, none claims to be current
+        (pipeline.figures_dir / name).unlink(missing_ok=True)
+    started = time.perf_counter()
     outcomes: dict[str, Outcome] = {}
-    for run in pipeline.runs:
+    for number, run in enumerate(pipeline.runs, 1):
+        prefix = f"[{pipeline.name}] {number}/{len(pipeline.runs)} {run.name}"
         upstream = [outcomes[dep.name] for group in run.depends_on for dep in pipeline.group(group)]
         declared = declared_parameters(pipeline.root / run.notebook)
         defaults = {k: v for k, v in pipeline.defaults.items() if k in declared}
@@ -310,48 +336,23 @@ def run_pipeline(pipeline: Pipeline, force: bool = False, log=None) -> list[Outc
         ):
             outcome = Outcome(run, "cached", fingerprint=fingerprint)
         else:
-            log(f"[{pipeline.name}] running {run.name} ({run.notebook})")
+            log(f"{prefix}: running {run.notebook.as_posix()} "
+                f"(elapsed {duration(time.perf_counter() - started)})")
             outcome = _execute(pipeline, run, parameters, declared, fingerprint)
         outcomes[run.name] = outcome
-        log(f"[{pipeline.name}] {run.name}: {outcome.status}"
-            + (f" in {outcome.seconds:.0f}s" if outcome.status == "ran" else "")
-            + (f" ({outcome.error})" if outcome.error else ""))
+        log(f"{prefix}: {_describe(outcome)}")
     finished = datetime.now().astimezone()
     record = summary_record(pipeline, list(outcomes.values()), finished)
-    write_text(summary_json, json.dumps(record, indent=1, allow_nan=False) + "\n")
-    write_text(summary, render_summary(pipeline, list(outcomes.values()), finished))
-    log(f"[{pipeline.name}] summary: {summary} ({summary_json.name} beside it)")
+    write_text(pipeline.figures_dir / "summary.json", json.dumps(record, indent=1, allow_nan=False) + "\n")
+    markdown, page = write_reports(pipeline.figures_dir, record)
+    counts = ", ".join(f"{n} {status}" for status, n in record["counts"].items())
+    log(f"[{pipeline.name}] done in {duration(time.perf_counter() - started)} ({counts}): "
+        f"{page} ({markdown.name} and summary.json beside it)")
     return list(outcomes.values())
 
 
 # --------------------------------------------------------------------------------------------------
 # Summary
-
-
-def _flatten(metrics: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _format(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _is_table(value) -> bool:
-    """A list of records (e.g. effects with their intervals): shown as a table of its own."""
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-
-
-def _table_lines(name: str, rows: list[dict]) -> list[str]:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    return (["", f"**{name}**", "", "| " + " | ".join(columns) + " |",
-             "|" + "---|" * len(columns)]
-            + ["| " + " | ".join(_format(row.get(c, "")) for c in columns) + " |" for row in rows])
 
 
 def _counts(outcomes: list[Outcome]) -> dict[str, int]:
@@ -384,34 +385,3 @@ def summary_record(pipeline: Pipeline, outcomes: list[Outcome],
                          "metrics": _strict_json(_metrics(pipeline, o))} for o in outcomes}
     return {"pipeline": pipeline.name, "finished": finished.isoformat(timespec="seconds"),
             "counts": _counts(outcomes), "runs": runs}
-
-
-def render_summary(pipeline: Pipeline, outcomes: list[Outcome],
-                   finished: datetime | None = None) -> str:
-    """Markdown: a status table, then each run's metrics (read from its notebook) and figures."""
-    counts = _counts(outcomes)
-    finished = finished or datetime.now().astimezone()
-    lines = [f"# Pipeline `{pipeline.name}`", "",
-             f"Finished {finished.strftime('%Y-%m-%d %H:%M:%S')}: "
-             + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".", "",
-             "| run | notebook | status | seconds |", "|---|---|---|---|"]
-    for o in outcomes:
-        lines.append(f"| {o.run.name} | {o.run.notebook} | {o.status} | {o.seconds:.0f} |")
-    for o in outcomes:
-        lines += ["", f"## {o.run.name}", "", f"Status: **{o.status}**"
-                  + (f" — {o.error}" if o.error else "")]
-        executed = pipeline.runs_dir / f"{o.run.name}.ipynb"
-        if executed.exists():
-            lines.append(f"Executed notebook: `{executed.relative_to(pipeline.root)}`")
-        if o.succeeded:
-            metrics = _flatten(_metrics(pipeline, o))
-            scalars = {k: v for k, v in metrics.items() if not _is_table(v)}
-            if scalars:
-                lines += ["", "| metric | value |", "|---|---|"]
-                lines += [f"| {k} | {_format(v)} |" for k, v in scalars.items()]
-            for key, rows in metrics.items():
-                if _is_table(rows):
-                    lines += _table_lines(key, rows)
-            figures = sorted((pipeline.figures_dir / o.run.name).glob("*.png"))
-            lines += [f"\n![{f.stem}]({f.relative_to(pipeline.figures_dir).as_posix()})" for f in figures]
-    return "\n".join(lines) + "\n"

@@ -62,13 +62,19 @@ def test_every_notebook_runs_in_the_pipeline(executed):
 
 
 def test_summary_reports_the_metrics_the_notebooks_recorded(executed):
+    from llave_kit.report import interval_text
+
     pipeline, _ = executed
     summary = (pipeline.figures_dir / "summary.md").read_text()
+    page = (pipeline.figures_dir / "summary.html").read_text()
     record = json.loads((pipeline.figures_dir / "summary.json").read_text())
     overlap = read_metrics(pipeline.runs_dir / "overlap.ipynb")
     assert record["runs"]["overlap"]["metrics"] == overlap
-    gap = overlap["table1"]["gap"]["weighted"]["mean"]
-    assert f"| table1.gap.weighted.mean | {gap:.4g} |" in summary
+    gap = overlap["table1"]["gap"]["weighted"]
+    section = summary.split(". overlap\n")[1].split("\n## ")[0]
+    weighted = next(line for line in section.splitlines() if line.startswith("| weighted |"))
+    assert "Table 1 · gap" in section and interval_text(gap["mean"], gap["ci_low"], gap["ci_high"]) in weighted
+    assert "**overlap**: " in summary.split("## Runs")[0]  # its readings open the summary
     assert set(overlap["p_at_1_hard"]) == {"before", "info_nce", "weighted"}
     for interval in overlap["p_at_1_hard"].values():  # percentile bounds are ordered; the mean
         assert interval["ci_low"] <= interval["ci_high"]  # may fall outside them (skewed cases)
@@ -87,7 +93,7 @@ def test_summary_reports_the_metrics_the_notebooks_recorded(executed):
                    "clustering/projections.png", "basics/gradient_share.png",
                    "train/training_curves.png"):
         assert (pipeline.figures_dir / figure).stat().st_size > 0, figure
-        assert f"]({figure})" in summary
+        assert f"]({figure})" in summary and f'<img src="{figure}"' in page
 
 
 def test_studies_share_fine_tunes_by_recipe(executed):
@@ -141,3 +147,48 @@ def test_gpu_pipeline_file_runs_on_tiny_stand_ins(executed):
 def test_shipped_pipelines_only_name_declared_parameters():
     for name in ("cpu_demo", "mmeb_gpu"):
         check_parameters(load_pipeline(REPO / "pipelines" / f"{name}.yaml", root=REPO))
+
+
+def test_every_figure_is_shown_inline_in_the_executed_notebooks(executed):
+    """Each cell that saves a figure also shows it as a PNG (not '<Figure size …>' text)."""
+    pipeline, outcomes = executed
+    for outcome in outcomes:
+        notebook = nbformat.read(str(pipeline.runs_dir / f"{outcome.run.name}.ipynb"), as_version=4)
+        for cell in notebook.cells:
+            if cell.cell_type != "code" or "save_figure(" not in cell.source:
+                continue
+            shown = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+            assert len(shown) == cell.source.count("save_figure("), (outcome.run.name, cell.source)
+            texts = [o.get("data", {}).get("text/plain", "") for o in cell.outputs]
+            assert not any(text.startswith("<Figure size") for text in texts)
+
+
+@pytest.fixture
+def project_copy(tmp_path):
+    """A project root (marked by pyproject.toml) holding the notebooks, as a clone would."""
+    (tmp_path / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
+    shutil.copytree(REPO / "notebooks", tmp_path / "notebooks")
+    shutil.copytree(REPO / "checkpoints" / "tiny-dual-scenes", tmp_path / "checkpoints" / "tiny-dual-scenes")
+    return tmp_path
+
+
+def test_default_paths_resolve_against_the_project_root_from_the_notebooks_folder(project_copy):
+    """JupyterLab starts the kernel in notebooks/: figures still land in the root's figures/."""
+    papermill.execute_notebook(
+        str(project_copy / "notebooks" / "00_contrastive_basics.ipynb"), str(project_copy / "out.ipynb"),
+        parameters={"interactive": False, "batch_size": 8}, cwd=str(project_copy / "notebooks"),
+        progress_bar=False, kernel_name="python3")
+    assert (project_copy / "figures" / "notebooks" / "basics" / "gradient_share.png").stat().st_size > 0
+    assert not (project_copy / "notebooks" / "figures").exists()
+
+
+def test_missing_inputs_stop_the_first_cell_with_one_sentence_before_anything_is_made(project_copy):
+    with pytest.raises(papermill.PapermillExecutionError) as raised:
+        papermill.execute_notebook(
+            str(project_copy / "notebooks" / "02_similarity_overlap.ipynb"), str(project_copy / "out.ipynb"),
+            parameters={"base_checkpoint": "runs/cpu_demo/train_lmm/final"},
+            cwd=str(project_copy / "notebooks"), progress_bar=False, kernel_name="python3")
+    assert raised.value.ename == "MissingInputError"
+    assert "run `make reproduce` or notebook 01 first" in raised.value.evalue
+    assert len(raised.value.traceback) == 1  # one sentence, not a library traceback
+    assert not (project_copy / "runs").exists()  # no data generated, nothing trained

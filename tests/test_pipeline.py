@@ -1,12 +1,20 @@
 """The papermill pipeline: parameter checks, skip/force, failures, and a summary read from outputs."""
 import json
+import re
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from llave_kit.pipeline import (
-    METRICS_MIME, Outcome, Pipeline, PipelineError, Run, load_pipeline, read_metrics, run_pipeline,
+    METRICS_MIME,
+    Outcome,
+    Pipeline,
+    PipelineError,
+    Run,
+    load_pipeline,
+    read_metrics,
+    run_pipeline,
     summary_record,
 )
 
@@ -89,8 +97,15 @@ def test_runs_skip_when_unchanged_and_summary_holds_metrics_from_the_notebooks(p
     assert not (project / "figures" / "demo" / ".staging").exists() or not any(
         (project / "figures" / "demo" / ".staging").iterdir())
     summary = (project / "figures" / "demo" / "summary.md").read_text()
-    assert "| squared.of_value | 9.5 |" in summary and "| read | 3 |" in summary
+    assert "| value | 3 |" in summary and "| read | 3 |" in summary
+    assert "|  | squared |\n|---|---|\n| of_value | 9.500 |" in summary
     assert "![line](make/line.png)" in summary
+    page = (project / "figures" / "demo" / "summary.html").read_text()
+    assert '<img src="make/line.png"' in page and "runs/demo/make.ipynb" in page
+    shown = [output["data"] for cell in nbformat.read(str(executed), as_version=4).cells
+             for output in cell.get("outputs", []) if METRICS_MIME in output.get("data", {})]
+    assert shown[0][METRICS_MIME] == {"value": 3, "squared": {"of_value": 9.5}}
+    assert "<table>" in shown[0]["text/html"] and "of_value" in shown[0]["text/plain"]
     record = summary_json(project)
     assert record["pipeline"] == "demo" and record["counts"] == {
         "ran": 4, "cached": 0, "failed": 0, "blocked": 0}
@@ -131,10 +146,34 @@ def test_failure_keeps_executed_copy_blocks_dependents_and_is_reported(project):
     summary = (project / "figures" / "demo" / "summary.md").read_text()
     assert "Status: **failed** — RuntimeError: asked to fail" in summary
     assert "Status: **blocked** — not run: make did not succeed" in summary
+    assert "| make | notebooks/producer.ipynb | ✗ failed |" in summary
+    assert "**Not finished: make (failed), use (blocked)" in summary
+    assert '<tr class="failed">' in (project / "figures" / "demo" / "summary.html").read_text()
     # A failed run is retried next time even though nothing changed.
     again = run_pipeline(load_pipeline(write_pipeline(project, fail=True), root=project),
                          log=lambda m: None)
     assert statuses(again)["make"] == "failed"
+
+
+def test_the_log_says_which_run_of_how_many_and_the_time_elapsed(project, monkeypatch):
+    import llave_kit.pipeline
+
+    printed = []
+    monkeypatch.setattr(llave_kit.pipeline, "print",
+                        lambda message, **kwargs: printed.append((message, kwargs)), raising=False)
+    run_pipeline(load_pipeline(write_pipeline(project, fail=True), root=project))
+    lines = [message for message, _ in printed]
+    assert all(kwargs == {"flush": True} for _, kwargs in printed)  # readable in a log file as it runs
+    assert lines[0] == "[demo] 1/4 make: running notebooks/producer.ipynb (elapsed 0s)"
+    assert re.fullmatch(r"\[demo\] 1/4 make: failed after \d+s \(RuntimeError: asked to fail\)", lines[1])
+    assert lines[2] == "[demo] 2/4 use: blocked (not run: make did not succeed)"
+    assert re.fullmatch(r"\[demo\] 3/4 sweep-value1: running notebooks/producer.ipynb \(elapsed \d+s\)", lines[3])
+    assert re.fullmatch(r"\[demo\] 3/4 sweep-value1: ran in \d+s", lines[4])
+    assert re.fullmatch(r"\[demo\] done in \d+s \(2 ran, 0 cached, 1 failed, 1 blocked\): .*summary\.html "
+                        r"\(summary\.md and summary\.json beside it\)", lines[-1])
+    printed.clear()
+    run_pipeline(load_pipeline(write_pipeline(project, fail=True), root=project))
+    assert "[demo] 3/4 sweep-value1: cached (unchanged since it last succeeded)" in [m for m, _ in printed]
 
 
 def test_unknown_parameters_are_rejected_before_anything_runs(project):
@@ -179,8 +218,8 @@ def test_an_interrupted_run_leaves_nothing_that_passes_for_current(project, monk
     path = write_pipeline(project)
     run_pipeline(load_pipeline(path, root=project), log=lambda message: None)
     figures = project / "figures" / "demo"
-    assert (figures / "make" / "line.png").exists() and (figures / "summary.md").exists()
-    assert (figures / "summary.json").exists()
+    assert (figures / "make" / "line.png").exists()
+    assert all((figures / name).exists() for name in ("summary.md", "summary.html", "summary.json"))
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # what a Ctrl-C or kill during a notebook looks like here
@@ -188,7 +227,7 @@ def test_an_interrupted_run_leaves_nothing_that_passes_for_current(project, monk
     monkeypatch.setattr(papermill, "execute_notebook", killed)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(load_pipeline(path, root=project), force=True, log=lambda message: None)
-    assert not (figures / "summary.md").exists() and not (figures / "summary.json").exists()
+    assert not any((figures / name).exists() for name in ("summary.md", "summary.html", "summary.json"))
     assert not (figures / "make").exists()
     monkeypatch.undo()
     again = run_pipeline(load_pipeline(path, root=project), log=lambda message: None)
