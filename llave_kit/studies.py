@@ -45,7 +45,7 @@ from llave_kit.evaluation import (
 )
 from llave_kit.scenes import make_scenes_dataset
 from llave_kit.statistics import (
-    VERDICTS, Interval, Statistic, auroc_of, bootstrap_ci, compound_verdict, difference, mean_of,
+    Interval, Statistic, auroc_of, bootstrap_ci, compound_verdict, difference, mean_of,
     verdict,
 )
 from llave_kit.train import TrainConfig, TrainResult, train
@@ -471,10 +471,6 @@ def paper_readings(samples: Mapping[str, np.ndarray], before: str, info_nce: str
              arm_difference(samples, weighted, info_nce, "easy",
                             "easy negatives fall further under weighting", -1, n_resamples)]
     return pd.DataFrame(rows)
-
-
-def verdict_counts(readings: pd.DataFrame) -> dict[str, int]:
-    return {name: int((readings["verdict"] == name).sum()) for name in VERDICTS}
 
 
 def meta_task_intervals(scores: Mapping[str, Sequence[QueryScores]], data: DatasetInfo,

@@ -67,7 +67,7 @@ from llave_kit.plotting import (
 )
 from llave_kit.studies import (
     arm_intervals, intervals_record, load_data, paper_readings, pooled_distributions, score_arms,
-    stack_scores, train_arms, verdict_counts,
+    stack_scores, train_arms,
 )
 
 start(checkpoints=[base_checkpoint], data=data)
@@ -128,7 +128,6 @@ record_metrics({
     f"p_at_1_{level}": table["p@1"],
     "table1": {metric: values for metric, values in table.items() if metric != "p@1"},
     "effects": readings.to_dict("records"),
-    "verdicts": verdict_counts(readings),
     "seeds": len(seeds),
     "queries": int(samples["before|hit"].shape[1]),
 })

@@ -109,9 +109,9 @@ for alpha in [a for a in alphas if a]:
                                       f"α = {alpha:g} vs α = 0: P@1 gain", +1, n_resamples))
     if ("temperature-matched InfoNCE", alpha) in labels:
         matched = labels[("temperature-matched InfoNCE", alpha)]
-        for metric in ("p@1", "gap"):
+        for metric, name in (("p@1", "P@1"), ("gap", "gap")):
             effects.append(arm_difference(samples, weighted, matched, metric,
-                                          f"α = {alpha:g} vs {matched}: {metric} gain", +1, n_resamples))
+                                          f"α = {alpha:g} vs {matched}: {name} gain", +1, n_resamples))
 effects = pd.DataFrame(effects)
 figure = plot_effects(effects, title="Hardness weighting vs plain and temperature-matched InfoNCE")
 save_figure(figure, f"{figures_dir}/effects")
