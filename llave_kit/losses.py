@@ -7,24 +7,33 @@ target (M, D)  L2-normalised targets, M >= B. Row i is query i's positive; rows 
                (explicit hard) negatives shared by all queries.
 s_ij = q_i . t_j,   temperature tau ("scale" = 1 / tau).
 
-Every loss is assembled from the same three pieces:
+How a loss is built
+-------------------
+Every loss is a *row function*, the only part that differs between losses: similarities (rows, K),
+labels (rows,) and a negatives mask (rows, K) in, one loss value per row out. `contrastive_loss`
+does the rest, the same for all:
 
 1. `_similarity_views`: this rank's rows against all (optionally gathered) columns, with labels,
    for the query->target direction and, when symmetric, the target->query direction (first B
    targets only: extra negatives have no query of their own).
-2. a *row loss*, the only part that differs between losses: one value per row of similarities.
+2. `_negatives_mask`: which columns count as negatives (the optional false-negative filter).
 3. `_reduce`: the mean over the global batch, averaged over the two directions.
 
+Each loss then has the function people call (`info_nce`, ...: its signature, its formula and
+references in the docstring) and a module derived from that function (`InfoNCELoss`, ...: see
+`_LossModule`); `make_loss(name, **kwargs)` builds a module by name.
+
 With `gather_across_devices=True` each rank computes its own rows against the global batch and
-returns `world_size x` its share of the global mean, so that averaging the returned losses over ranks
-gives the single-process loss, and DDP's gradient averaging (divide by world size) gives the
+returns `world_size x` its share of the global mean, so that averaging the returned losses over
+ranks gives the single-process loss, and DDP's gradient averaging (divide by world size) gives the
 single-process gradient.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -32,7 +41,7 @@ import torch.nn as nn
 from llave_kit.distributed import all_gather_with_grad, local_row_offset, world_size
 from llave_kit.tiled import tiled_direction_sums
 
-RowLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+RowLoss = Callable[..., torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,28 +74,33 @@ def _check_embeddings(query: torch.Tensor, target: torch.Tensor) -> None:
             raise ValueError(f"{name} contains non-finite values (nan or inf)")
 
 
+_HYPER_PARAMETER_RULES = {
+    "temperature": (lambda v: v > 0, "> 0"),
+    "alpha": (lambda v: v >= 0, ">= 0"),
+    "beta": (lambda v: v >= 0, ">= 0"),
+    "margin": (lambda v: v >= 0, ">= 0"),
+    "tau_plus": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "false_negative_margin": (lambda v: True, "a number"),
+    "chunk_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                   "and an integer >= 1 (or None for the dense path)"),
+}
+
+
 def _check_hyper_parameters(**values) -> None:
-    """Validate the hyper-parameters any loss here may take, by name."""
-    rules = {
-        "temperature": (lambda v: v > 0, "> 0"),
-        "alpha": (lambda v: v >= 0, ">= 0"),
-        "beta": (lambda v: v >= 0, ">= 0"),
-        "margin": (lambda v: v >= 0, ">= 0"),
-        "tau_plus": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "false_negative_margin": (lambda v: True, "a number"),
-        "chunk_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                       "and an integer >= 1 (or None for the dense path)"),
-    }
+    """Validate the named hyper-parameters that have a rule; flags such as `symmetric`, and a custom
+    row loss's own parameters, have none and pass as they are."""
     for name, value in values.items():
+        if name not in _HYPER_PARAMETER_RULES:
+            continue
         if name in ("false_negative_margin", "chunk_size") and value is None:
             continue
-        ok, expected = rules[name]
+        ok, expected = _HYPER_PARAMETER_RULES[name]
         if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
             raise ValueError(f"{name} must be a finite number {expected}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------
-# Shared machinery: similarities, negatives mask, cross-entropy, reduction
+# The driver: similarities, negatives mask, cross-entropy, reduction
 
 
 def _gather_batch(
@@ -168,42 +182,104 @@ def contrastive_loss(
     symmetric: bool = True,
     false_negative_margin: float | None = None,
     gather_across_devices: bool = False,
+    chunk_size: int | None = None,
+    **hyper_parameters,
 ) -> torch.Tensor:
-    """Apply `row_loss(sim, labels, negatives) -> (rows,)` in both directions and average.
+    """Apply `row_loss(sim, labels, negatives, **hyper_parameters) -> (rows,)` in both directions
+    and average.
 
-    This is the one driver behind every loss in this module; a new loss only needs a row function.
+    The one driver behind every loss in this module; a new loss only needs a row function.
+    `chunk_size` selects the exact tiled computation, which exists for `info_nce_rows` and
+    `hardness_weighted_rows` only.
     """
+    _check_hyper_parameters(
+        false_negative_margin=false_negative_margin, chunk_size=chunk_size, **hyper_parameters
+    )
     _check_embeddings(query, target)
-    _check_hyper_parameters(false_negative_margin=false_negative_margin)
+    if chunk_size is not None:
+        return _tiled_loss(
+            row_loss, query, target, symmetric, false_negative_margin, gather_across_devices,
+            chunk_size, **hyper_parameters,
+        )
     views, global_batch = _similarity_views(query, target, symmetric, gather_across_devices)
+    rows = functools.partial(row_loss, **hyper_parameters)
     sums = [
-        row_loss(sim, labels, _negatives_mask(sim, labels, false_negative_margin)).sum()
+        rows(sim, labels, _negatives_mask(sim, labels, false_negative_margin)).sum()
         for sim, labels in views
     ]
     return _reduce(sums, global_batch, gather_across_devices)
 
 
-def _tiled_hardness_weighted_loss(
-    query, target, *, alpha, temperature, symmetric, false_negative_margin,
-    gather_across_devices, chunk_size,
+def _tiled_loss(
+    row_loss, query, target, symmetric, false_negative_margin, gather, chunk_size,
+    **hyper_parameters,
 ) -> torch.Tensor:
-    """The hardness-weighted loss (InfoNCE at alpha=0) without the (B, M) matrix; see `tiled.py`."""
-    _check_embeddings(query, target)
-    _check_hyper_parameters(false_negative_margin=false_negative_margin)
-    all_queries, all_targets, offset = _gather_batch(query, target, gather_across_devices)
+    """`contrastive_loss` without the (B, M) matrix; see `tiled.py`."""
+    # InfoNCE is the hardness-weighted loss at alpha = 0, so one tiled kernel computes both.
+    tiled_forms = {info_nce_rows: {"alpha": 0.0}, hardness_weighted_rows: {}}
+    if row_loss not in tiled_forms:
+        raise ValueError(
+            "chunk_size: only info_nce_rows and hardness_weighted_rows have a tiled form"
+        )
+    all_queries, all_targets, offset = _gather_batch(query, target, gather)
     sums = tiled_direction_sums(
-        query, target, all_queries, all_targets, offset, alpha=alpha, temperature=temperature,
-        symmetric=symmetric, false_negative_margin=false_negative_margin, chunk_size=chunk_size,
+        query, target, all_queries, all_targets, offset, symmetric=symmetric,
+        false_negative_margin=false_negative_margin, chunk_size=chunk_size,
+        **tiled_forms[row_loss], **hyper_parameters,
     )
-    return _reduce(sums, all_queries.shape[0], gather_across_devices)
+    return _reduce(sums, all_queries.shape[0], gather)
 
 
 # --------------------------------------------------------------------------------------------------
-# Row losses: similarities (rows, K), labels (rows,), negatives mask (rows, K) -> loss (rows,)
+# The losses. Each is a row function, similarities (rows, K), labels (rows,), negatives mask
+# (rows, K) -> loss (rows,), followed by the function people call: its signature and defaults,
+# its formula, references and relations in the docstring, and one call to `contrastive_loss`.
 
 
 def info_nce_rows(sim, labels, negatives, *, temperature):
     return _masked_cross_entropy(sim / temperature, labels, negatives)
+
+
+def info_nce(
+    query: torch.Tensor, target: torch.Tensor, temperature: float = 0.02, symmetric: bool = True,
+    *, false_negative_margin: float | None = None, gather_across_devices: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """InfoNCE with in-batch (and optional explicit) negatives.
+
+        L_q2t = mean_i -log( exp(s_ii / tau) / sum_j exp(s_ij / tau) )     j over all M targets
+        L_t2q = mean_j -log( exp(s_jj / tau) / sum_i exp(s_ij / tau) )     i over the B queries
+        L = (L_q2t + L_t2q) / 2   if symmetric, else L_q2t
+
+    Args:
+        query, target: (B, D) and (M >= B, D), both L2-normalised; row i of target is query i's
+            positive, rows B..M-1 extra negatives shared by all queries.
+        temperature: tau > 0 (scale = 1 / tau); LLaVE uses 0.02.
+        symmetric: average the query->target and target->query directions.
+        false_negative_margin: drop negatives with s_ij > s_ii - margin (GISTEmbed-style filter).
+        gather_across_devices: contrast against every rank's embeddings (autograd-aware gather).
+        chunk_size: None for the dense computation; an integer computes the same loss and gradients
+            in (chunk, chunk) blocks without the (B, M) matrix (`llave_kit.tiled`; 512 suits a CPU,
+            `tiled.DEFAULT_CHUNK_SIZE`).
+
+    Returns: the loss, a scalar in float32 or wider (half-precision inputs are promoted).
+
+    References: van den Oord et al., "Representation Learning with Contrastive Predictive Coding",
+    2018; Radford et al., "CLIP", 2021 (symmetric form).
+
+    Relations: `hardness_weighted_info_nce` with alpha=0 is exactly this loss.
+
+    Example:
+        >>> q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> t = torch.tensor([[0.8, 0.6], [0.6, 0.8]])  # s_ii = 0.8, s_ij = 0.6
+        >>> round(info_nce(q, t, temperature=0.1).item(), 4)  # log(1 + e^(6 - 8)), both directions
+        0.1269
+    """
+    return contrastive_loss(
+        info_nce_rows, query, target, temperature=temperature, symmetric=symmetric,
+        false_negative_margin=false_negative_margin, gather_across_devices=gather_across_devices,
+        chunk_size=chunk_size,
+    )
 
 
 def hardness_weighted_rows(sim, labels, negatives, *, temperature, alpha):
@@ -213,12 +289,101 @@ def hardness_weighted_rows(sim, labels, negatives, *, temperature, alpha):
     return _masked_cross_entropy(sim / temperature + boost, labels, negatives)
 
 
+def hardness_weighted_info_nce(
+    query: torch.Tensor, target: torch.Tensor, alpha: float = 9.0, temperature: float = 0.02,
+    symmetric: bool = True, *, false_negative_margin: float | None = None,
+    gather_across_devices: bool = False, chunk_size: int | None = None,
+) -> torch.Tensor:
+    """LLaVE's hardness-weighted InfoNCE: harder negatives get more gradient.
+
+        logit_ij = s_ij / tau + alpha * sg(s_ij)   for negatives (i != j)
+        logit_ii = s_ii / tau                      for the positive
+        L = InfoNCE over these logits (symmetric average as in `info_nce`)
+
+    sg is stop-gradient. Equivalently, each negative's term in the softmax denominator is
+    multiplied by w_ij = exp(alpha * s_ij), a constant per step, so its gradient is
+    w_ij * softmax-share: negatives that already look like the positive are pushed hardest.
+    Unlike lowering tau, the positive logit and the gradient's form are unchanged.
+
+    Args:
+        alpha: hardness strength >= 0; LLaVE uses 9. alpha = 0 is plain InfoNCE.
+        query, target, temperature, symmetric, false_negative_margin, gather_across_devices,
+            chunk_size: as `info_nce` (chunk_size selects the exact tiled computation).
+
+    Returns: the loss, a scalar in float32 or wider.
+
+    References: Lan et al., "LLaVE: Large Language and Vision Embedding Models with
+    Hardness-Weighted Contrastive Learning", 2025.
+
+    Relations: alpha=0 -> `info_nce`; `hcl_loss` re-weights negatives by exp(beta * s) too, but
+    normalises the weights and lets gradient flow through them.
+
+    Example:
+        >>> q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> t = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
+        >>> round(hardness_weighted_info_nce(q, t, alpha=9.0, temperature=0.1).item(), 4)
+        3.4328
+        >>> torch.equal(hardness_weighted_info_nce(q, t, alpha=0.0), info_nce(q, t))
+        True
+
+    The negative's logit rose from 6 to 6 + 9 * 0.6 = 11.4, above the positive's 8:
+    log(1 + e^(11.4 - 8)) = 3.4328.
+    """
+    return contrastive_loss(
+        hardness_weighted_rows, query, target, alpha=alpha, temperature=temperature,
+        symmetric=symmetric, false_negative_margin=false_negative_margin,
+        gather_across_devices=gather_across_devices, chunk_size=chunk_size,
+    )
+
+
 def focal_info_nce_rows(sim, labels, negatives, *, temperature, margin):
     rows = torch.arange(sim.shape[0], device=sim.device)
     is_positive = torch.zeros_like(negatives)
     is_positive[rows, labels] = True
     logits = torch.where(is_positive, sim * sim, sim * (sim + margin)) / temperature
     return _masked_cross_entropy(logits, labels, negatives)
+
+
+def focal_info_nce(
+    query: torch.Tensor, target: torch.Tensor, margin: float = 0.3, temperature: float = 0.02,
+    symmetric: bool = True, *, false_negative_margin: float | None = None,
+    gather_across_devices: bool = False,
+) -> torch.Tensor:
+    """Focal-InfoNCE: self-paced modulation of positive and negative logits.
+
+        logit_ii = s_ii^2 / tau,    logit_ij = s_ij (s_ij + m) / tau   (i != j)
+
+    A negative's logit grows faster than linearly with its similarity, so hard negatives dominate
+    the denominator and easy ones fade; the squared positive eases off pairs already aligned.
+
+    Args:
+        margin: m >= 0, the negatives' modulation offset.
+        query, target, temperature, symmetric, false_negative_margin, gather_across_devices: as
+            `info_nce`.
+
+    Returns: the loss, a scalar in float32 or wider.
+
+    References: Hou & Li, "Improving Contrastive Learning of Sentence Embeddings with
+    Focal-InfoNCE", Findings of EMNLP 2023. LLaVE's ablation compares against it.
+
+    Relations: `hardness_weighted_info_nce` also raises a negative's logit with its similarity, by
+    a detached alpha * s_ij; here the rise s_ij (s_ij + m - 1) / tau carries gradient, and the
+    positive's logit changes too, so no setting reduces to `info_nce`.
+
+    Example:
+        >>> q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> t = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
+        >>> round(focal_info_nce(q, t, margin=0.3, temperature=0.1).item(), 4)
+        0.3133
+
+    The positive's logit is 0.8^2 / 0.1 = 6.4, the negative's 0.6 * 0.9 / 0.1 = 5.4:
+    log(1 + e^(5.4 - 6.4)) = 0.3133.
+    """
+    return contrastive_loss(
+        focal_info_nce_rows, query, target, margin=margin, temperature=temperature,
+        symmetric=symmetric, false_negative_margin=false_negative_margin,
+        gather_across_devices=gather_across_devices,
+    )
 
 
 def _log_sum_exp_over(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -231,6 +396,40 @@ def dcl_rows(sim, labels, negatives, *, temperature):
     loss = _log_sum_exp_over(logits, negatives) - logits[rows, labels]
     # A row whose negatives were all masked has no contrast to learn from.
     return torch.where(negatives.any(dim=1), loss, torch.zeros_like(loss))
+
+
+def dcl_loss(
+    query: torch.Tensor, target: torch.Tensor, temperature: float = 0.02, symmetric: bool = True,
+    *, false_negative_margin: float | None = None, gather_across_devices: bool = False,
+) -> torch.Tensor:
+    """Decoupled contrastive loss: the positive is removed from the denominator.
+
+        L_i = -s_ii / tau + log sum_{j != i} exp(s_ij / tau)
+
+    Removing the positive removes the "negative-positive coupling" that shrinks InfoNCE's
+    gradient once the positive dominates, which matters most for small batches. The loss can be
+    negative; a row whose negatives are all filtered out contributes 0.
+
+    Args:
+        query, target, temperature, symmetric, false_negative_margin, gather_across_devices: as
+            `info_nce`.
+
+    Returns: the loss, a scalar in float32 or wider.
+
+    References: Yeh et al., "Decoupled Contrastive Learning", ECCV 2022.
+
+    Relations: `info_nce` with the positive dropped from its denominator.
+
+    Example:
+        >>> q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> t = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
+        >>> round(dcl_loss(q, t, temperature=0.1).item(), 4)  # -8 + log(e^6)
+        -2.0
+    """
+    return contrastive_loss(
+        dcl_rows, query, target, temperature=temperature, symmetric=symmetric,
+        false_negative_margin=false_negative_margin, gather_across_devices=gather_across_devices,
+    )
 
 
 def hcl_rows(sim, labels, negatives, *, temperature, beta, tau_plus):
@@ -255,269 +454,11 @@ def hcl_rows(sim, labels, negatives, *, temperature, beta, tau_plus):
     return torch.where(negatives.any(dim=1), loss, torch.zeros_like(loss))
 
 
-# --------------------------------------------------------------------------------------------------
-# Public functional API
-
-
-def info_nce(
-    query: torch.Tensor,
-    target: torch.Tensor,
-    temperature: float = 0.02,
-    symmetric: bool = True,
-    *,
-    false_negative_margin: float | None = None,
-    gather_across_devices: bool = False,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Plain InfoNCE: mean over rows of -log softmax(s_i. / tau)[i]; see `InfoNCELoss`."""
-    _check_hyper_parameters(temperature=temperature, chunk_size=chunk_size)
-    if chunk_size is not None:
-        return _tiled_hardness_weighted_loss(
-            query, target, alpha=0.0, temperature=temperature, symmetric=symmetric,
-            false_negative_margin=false_negative_margin,
-            gather_across_devices=gather_across_devices, chunk_size=chunk_size,
-        )
-
-    rows = functools.partial(info_nce_rows, temperature=temperature)
-    return contrastive_loss(
-        rows, query, target, symmetric=symmetric,
-        false_negative_margin=false_negative_margin, gather_across_devices=gather_across_devices,
-    )
-
-
-def hardness_weighted_info_nce(
-    query: torch.Tensor,
-    target: torch.Tensor,
-    alpha: float = 9.0,
-    temperature: float = 0.02,
-    symmetric: bool = True,
-    *,
-    false_negative_margin: float | None = None,
-    gather_across_devices: bool = False,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """LLaVE's hardness-weighted InfoNCE; see `HardnessWeightedInfoNCELoss` for the formula."""
-    _check_hyper_parameters(temperature=temperature, alpha=alpha, chunk_size=chunk_size)
-    if chunk_size is not None:
-        return _tiled_hardness_weighted_loss(
-            query, target, alpha=alpha, temperature=temperature, symmetric=symmetric,
-            false_negative_margin=false_negative_margin,
-            gather_across_devices=gather_across_devices, chunk_size=chunk_size,
-        )
-
-    rows = functools.partial(hardness_weighted_rows, temperature=temperature, alpha=alpha)
-    return contrastive_loss(
-        rows, query, target, symmetric=symmetric,
-        false_negative_margin=false_negative_margin, gather_across_devices=gather_across_devices,
-    )
-
-
-def focal_info_nce(
-    query: torch.Tensor,
-    target: torch.Tensor,
-    margin: float = 0.3,
-    temperature: float = 0.02,
-    symmetric: bool = True,
-    *,
-    false_negative_margin: float | None = None,
-    gather_across_devices: bool = False,
-) -> torch.Tensor:
-    """Focal-InfoNCE (Hou & Li, 2023); see `FocalInfoNCELoss`."""
-    _check_hyper_parameters(temperature=temperature, margin=margin)
-
-    rows = functools.partial(focal_info_nce_rows, temperature=temperature, margin=margin)
-    return contrastive_loss(
-        rows, query, target, symmetric=symmetric,
-        false_negative_margin=false_negative_margin, gather_across_devices=gather_across_devices,
-    )
-
-
-def dcl_loss(
-    query: torch.Tensor,
-    target: torch.Tensor,
-    temperature: float = 0.02,
-    symmetric: bool = True,
-    *,
-    false_negative_margin: float | None = None,
-    gather_across_devices: bool = False,
-) -> torch.Tensor:
-    """Decoupled contrastive loss (Yeh et al., 2022); see `DCLLoss`."""
-    _check_hyper_parameters(temperature=temperature)
-
-    rows = functools.partial(dcl_rows, temperature=temperature)
-    return contrastive_loss(
-        rows, query, target, symmetric=symmetric,
-        false_negative_margin=false_negative_margin, gather_across_devices=gather_across_devices,
-    )
-
-
 def hcl_loss(
-    query: torch.Tensor,
-    target: torch.Tensor,
-    beta: float = 9.0,
-    tau_plus: float = 0.1,
-    temperature: float = 0.02,
-    symmetric: bool = True,
-    *,
-    false_negative_margin: float | None = None,
-    gather_across_devices: bool = False,
+    query: torch.Tensor, target: torch.Tensor, beta: float = 9.0, tau_plus: float = 0.1,
+    temperature: float = 0.02, symmetric: bool = True, *,
+    false_negative_margin: float | None = None, gather_across_devices: bool = False,
 ) -> torch.Tensor:
-    """Hard-negative contrastive loss (Robinson et al., 2021); see `HCLLoss`."""
-    _check_hyper_parameters(temperature=temperature, beta=beta, tau_plus=tau_plus)
-
-    rows = functools.partial(hcl_rows, temperature=temperature, beta=beta, tau_plus=tau_plus)
-    return contrastive_loss(
-        rows, query, target, symmetric=symmetric,
-        false_negative_margin=false_negative_margin, gather_across_devices=gather_across_devices,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Modules: store hyper-parameters, call the functional form
-
-
-class _ContrastiveLoss(nn.Module):
-    loss_fn: Callable[..., torch.Tensor]
-
-    def __init__(self, **hyper_parameters):
-        super().__init__()
-        _check_hyper_parameters(**{k: v for k, v in hyper_parameters.items()
-                                   if k not in ("symmetric", "gather_across_devices")})
-        self.hyper_parameters = hyper_parameters
-
-    def forward(self, query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return type(self).loss_fn(query, target, **self.hyper_parameters)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.hyper_parameters.items())
-
-
-class InfoNCELoss(_ContrastiveLoss):
-    """InfoNCE with in-batch (and optional explicit) negatives.
-
-        L_q2t = mean_i -log( exp(s_ii / tau) / sum_j exp(s_ij / tau) )     j over all M targets
-        L_t2q = mean_j -log( exp(s_jj / tau) / sum_i exp(s_ij / tau) )     i over the B queries
-        L = (L_q2t + L_t2q) / 2   if symmetric, else L_q2t
-
-    Args:
-        temperature: tau > 0 (scale = 1 / tau); LLaVE uses 0.02.
-        symmetric: average the query->target and target->query directions.
-        false_negative_margin: drop negatives with s_ij > s_ii - margin (GISTEmbed-style filter).
-        gather_across_devices: contrast against every rank's embeddings (autograd-aware gather).
-        chunk_size: None for the dense computation; an integer computes the same loss and gradients
-            in (chunk, chunk) blocks without the (B, M) matrix (`llave_kit.tiled`; 512 suits a CPU,
-            `tiled.DEFAULT_CHUNK_SIZE`).
-
-    Inputs: query (B, D), target (M >= B, D), both L2-normalised. Returns a scalar.
-
-    References: van den Oord et al., "Representation Learning with Contrastive Predictive Coding",
-    2018; Radford et al., "CLIP", 2021 (symmetric form).
-
-    Relations: `HardnessWeightedInfoNCELoss` with alpha=0 is exactly this loss.
-
-    Example:
-        >>> q = torch.nn.functional.normalize(torch.randn(8, 32), dim=-1)
-        >>> t = torch.nn.functional.normalize(q + 0.1 * torch.randn(8, 32), dim=-1)
-        >>> InfoNCELoss(temperature=0.05)(q, t)
-    """
-
-    loss_fn = staticmethod(info_nce)
-
-    def __init__(self, temperature=0.02, symmetric=True, false_negative_margin=None,
-                 gather_across_devices=False, chunk_size=None):
-        super().__init__(temperature=temperature, symmetric=symmetric,
-                         false_negative_margin=false_negative_margin,
-                         gather_across_devices=gather_across_devices, chunk_size=chunk_size)
-
-
-class HardnessWeightedInfoNCELoss(_ContrastiveLoss):
-    """LLaVE's hardness-weighted InfoNCE: harder negatives get more gradient.
-
-        logit_ij = s_ij / tau + alpha * sg(s_ij)   for negatives (i != j)
-        logit_ii = s_ii / tau                      for the positive
-        L = InfoNCE over these logits (symmetric average as in `InfoNCELoss`)
-
-    sg is stop-gradient. Equivalently, each negative's term in the softmax denominator is
-    multiplied by w_ij = exp(alpha * s_ij), a constant per step, so its gradient is
-    w_ij * softmax-share: negatives that already look like the positive are pushed hardest.
-    Unlike lowering tau, the positive logit and the gradient's form are unchanged.
-
-    Args:
-        alpha: hardness strength >= 0; LLaVE uses 9. alpha = 0 is plain InfoNCE.
-        temperature, symmetric, false_negative_margin, gather_across_devices, chunk_size: as
-            `InfoNCELoss` (chunk_size selects the exact tiled computation).
-
-    Inputs: query (B, D), target (M >= B, D), both L2-normalised. Returns a scalar.
-
-    References: Lan et al., "LLaVE: Large Language and Vision Embedding Models with
-    Hardness-Weighted Contrastive Learning", 2025.
-
-    Relations: alpha=0 -> `InfoNCELoss`; `HCLLoss` re-weights negatives by exp(beta * s) too, but
-    normalises the weights and lets gradient flow through them.
-
-    Example:
-        >>> q = torch.nn.functional.normalize(torch.randn(8, 32), dim=-1)
-        >>> t = torch.nn.functional.normalize(q + 0.1 * torch.randn(8, 32), dim=-1)
-        >>> HardnessWeightedInfoNCELoss(alpha=9.0, temperature=0.02)(q, t)
-    """
-
-    loss_fn = staticmethod(hardness_weighted_info_nce)
-
-    def __init__(self, alpha=9.0, temperature=0.02, symmetric=True, false_negative_margin=None,
-                 gather_across_devices=False, chunk_size=None):
-        super().__init__(alpha=alpha, temperature=temperature, symmetric=symmetric,
-                         false_negative_margin=false_negative_margin,
-                         gather_across_devices=gather_across_devices, chunk_size=chunk_size)
-
-
-class FocalInfoNCELoss(_ContrastiveLoss):
-    """Focal-InfoNCE: self-paced modulation of positive and negative logits.
-
-        logit_ii = s_ii^2 / tau,    logit_ij = s_ij (s_ij + m) / tau   (i != j)
-
-    A negative's logit grows faster than linearly with its similarity, so hard negatives dominate
-    the denominator and easy ones fade; the squared positive eases off pairs already aligned.
-
-    Args:
-        margin: m >= 0, the negatives' modulation offset.
-        temperature, symmetric, false_negative_margin, gather_across_devices: as `InfoNCELoss`.
-
-    References: Hou & Li, "Improving Contrastive Learning of Sentence Embeddings with
-    Focal-InfoNCE", Findings of EMNLP 2023. LLaVE's ablation compares against it.
-    """
-
-    loss_fn = staticmethod(focal_info_nce)
-
-    def __init__(self, margin=0.3, temperature=0.02, symmetric=True, false_negative_margin=None,
-                 gather_across_devices=False):
-        super().__init__(margin=margin, temperature=temperature, symmetric=symmetric,
-                         false_negative_margin=false_negative_margin,
-                         gather_across_devices=gather_across_devices)
-
-
-class DCLLoss(_ContrastiveLoss):
-    """Decoupled contrastive loss: the positive is removed from the denominator.
-
-        L_i = -s_ii / tau + log sum_{j != i} exp(s_ij / tau)
-
-    Removing the positive removes the "negative-positive coupling" that shrinks InfoNCE's
-    gradient once the positive dominates, which matters most for small batches.
-
-    Args: temperature, symmetric, false_negative_margin, gather_across_devices as `InfoNCELoss`.
-
-    References: Yeh et al., "Decoupled Contrastive Learning", ECCV 2022.
-    """
-
-    loss_fn = staticmethod(dcl_loss)
-
-    def __init__(self, temperature=0.02, symmetric=True, false_negative_margin=None,
-                 gather_across_devices=False):
-        super().__init__(temperature=temperature, symmetric=symmetric,
-                         false_negative_margin=false_negative_margin,
-                         gather_across_devices=gather_across_devices)
-
-
-class HCLLoss(_ContrastiveLoss):
     """Hard-negative contrastive loss with debiasing (HCL).
 
         w_ij = N * softmax_j(beta * s_ij)                         importance weights, mean 1
@@ -530,23 +471,108 @@ class HCLLoss(_ContrastiveLoss):
     code applies it to s / tau, i.e. its beta equals this beta * tau).
 
     Args:
-        beta: concentration >= 0 (0: uniform weights). tau_plus: positive-class prior in [0, 1).
-        temperature, symmetric, false_negative_margin, gather_across_devices: as `InfoNCELoss`.
+        beta: concentration >= 0 (0: uniform weights).
+        tau_plus: positive-class prior in [0, 1).
+        query, target, temperature, symmetric, false_negative_margin, gather_across_devices: as
+            `info_nce`.
+
+    Returns: the loss, a scalar in float32 or wider.
 
     References: Robinson et al., "Contrastive Learning with Hard Negative Samples", ICLR 2021;
     Chuang et al., "Debiased Contrastive Learning", NeurIPS 2020 (tau+).
+
+    Relations: beta=0 and tau_plus=0 give `info_nce` (while the floor is inactive);
+    `hardness_weighted_info_nce` also weights by exp(alpha * s), unnormalised and detached.
+
+    Example, with an extra negative (0, -1) so that beta has weights to shift:
+        >>> q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> t = torch.tensor([[0.8, 0.6], [0.6, 0.8], [0.0, -1.0]])
+        >>> round(hcl_loss(q, t, beta=0.0, tau_plus=0.0, temperature=0.1).item(), 4)  # info_nce
+        0.127
+        >>> round(hcl_loss(q, t, beta=9.0, tau_plus=0.0, temperature=0.1).item(), 4)
+        0.183
+    """
+    return contrastive_loss(
+        hcl_rows, query, target, beta=beta, tau_plus=tau_plus, temperature=temperature,
+        symmetric=symmetric, false_negative_margin=false_negative_margin,
+        gather_across_devices=gather_across_devices,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules, derived from the functions
+
+
+class _LossModule(nn.Module):
+    """A loss function as a module: `class XLoss(_LossModule, loss_fn=x): pass` is the whole class.
+
+    The subclass gets `x`'s hyper-parameters (everything after query and target) as constructor
+    arguments, in the same order with the same defaults and checks; `x`'s docstring; and
+    `forward(query, target) = x(query, target, **hyper_parameters)`. Written once, a module cannot
+    drift from its function.
     """
 
-    loss_fn = staticmethod(hcl_loss)
+    loss_fn: Callable[..., torch.Tensor]
 
-    def __init__(self, beta=9.0, tau_plus=0.1, temperature=0.02, symmetric=True,
-                 false_negative_margin=None, gather_across_devices=False):
-        super().__init__(beta=beta, tau_plus=tau_plus, temperature=temperature,
-                         symmetric=symmetric, false_negative_margin=false_negative_margin,
-                         gather_across_devices=gather_across_devices)
+    def __init_subclass__(cls, loss_fn: Callable[..., torch.Tensor] | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if loss_fn is None:  # a further subclass keeps its parent's loss
+            return
+        _query, _target, *hyper = inspect.signature(loss_fn).parameters.values()
+        # Positional or keyword, so that `HCLLoss(1.0, 0.2)` keeps working as it always has.
+        hyper = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in hyper]
+        signature = inspect.Signature(hyper)
+
+        def __init__(self, *args, **kwargs):
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError as error:
+                raise TypeError(f"{cls.__name__}.__init__() {error}") from None
+            bound.apply_defaults()
+            _check_hyper_parameters(**bound.arguments)
+            nn.Module.__init__(self)
+            self.hyper_parameters = dict(bound.arguments)
+
+        self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        __init__.__signature__ = inspect.Signature([self_parameter, *hyper])
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        __init__.__doc__ = f"Take and check the hyper-parameters of `{loss_fn.__name__}`."
+        cls.__init__ = __init__
+        cls.loss_fn = staticmethod(loss_fn)
+        summary, _, details = inspect.cleandoc(loss_fn.__doc__).partition("\n")
+        cls.__doc__ = (
+            f"{summary}\n\nModule form of `{loss_fn.__name__}`: the constructor takes its "
+            f"hyper-parameters,\n`forward(query, target)` returns the loss.\n{details}"
+        )
+
+    def forward(self, query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(query, target, **self.hyper_parameters)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hyper_parameters.items())
 
 
-LOSSES: dict[str, type[_ContrastiveLoss]] = {
+class InfoNCELoss(_LossModule, loss_fn=info_nce):
+    pass
+
+
+class HardnessWeightedInfoNCELoss(_LossModule, loss_fn=hardness_weighted_info_nce):
+    pass
+
+
+class FocalInfoNCELoss(_LossModule, loss_fn=focal_info_nce):
+    pass
+
+
+class DCLLoss(_LossModule, loss_fn=dcl_loss):
+    pass
+
+
+class HCLLoss(_LossModule, loss_fn=hcl_loss):
+    pass
+
+
+LOSSES: dict[str, type[_LossModule]] = {
     "info_nce": InfoNCELoss,
     "hardness_weighted": HardnessWeightedInfoNCELoss,
     "focal_info_nce": FocalInfoNCELoss,

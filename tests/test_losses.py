@@ -1,4 +1,6 @@
 """Losses against independent references: per-pair loops, autograd, closed-form gradient weights."""
+import doctest
+import inspect
 import math
 
 import pytest
@@ -321,3 +323,42 @@ def test_make_loss_rejects_unknown_names_and_parameters():
     with pytest.raises(ValueError, match="tau_plus"):
         make_loss("hcl", tau_plus=1.0)
     assert set(losses.LOSSES) == {"info_nce", "hardness_weighted", "focal_info_nce", "dcl", "hcl"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules derived from the functions, and the driver's contract
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_module_takes_its_functions_hyper_parameters_and_docstring(name):
+    module_class = losses.LOSSES[name]
+    function = module_class.loss_fn
+    function_parameters = list(inspect.signature(function).parameters.values())[2:]
+    module_parameters = list(inspect.signature(module_class).parameters.values())
+    assert [(p.name, p.default) for p in module_parameters] == [
+        (p.name, p.default) for p in function_parameters
+    ]
+    _summary, _, formula_and_the_rest = inspect.getdoc(function).partition("\n")
+    assert formula_and_the_rest.strip() in inspect.getdoc(module_class)
+    query, target = batch(extra=1)
+    values = dict(temperature=0.1, symmetric=False, alpha=3.0, margin=0.2, beta=1.0, tau_plus=0.2)
+    positional = [values[p.name] for p in function_parameters if p.kind == p.POSITIONAL_OR_KEYWORD]
+    expected = function(query, target, *positional)
+    assert module_class(*positional)(query, target).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_docstring_examples_hold():
+    results = doctest.testmod(losses)
+    assert results.attempted > 0 and results.failed == 0
+
+
+def test_contrastive_loss_takes_a_custom_row_loss_but_tiles_only_the_two_it_can():
+    query, target = batch(extra=2)
+
+    def scaled_info_nce_rows(sim, labels, negatives, *, temperature, gamma):
+        return gamma * losses.info_nce_rows(sim, labels, negatives, temperature=temperature)
+
+    custom = losses.contrastive_loss(scaled_info_nce_rows, query, target, temperature=0.1, gamma=2.0)
+    assert custom.item() == pytest.approx(2 * info_nce(query, target, temperature=0.1).item(), rel=1e-12)
+    with pytest.raises(ValueError, match="chunk_size"):
+        losses.contrastive_loss(losses.dcl_rows, query, target, temperature=0.1, chunk_size=4)
