@@ -1,4 +1,4 @@
-"""MMEB-format data: read/write records, PyTorch datasets and collates, manifests, the digits set.
+"""The MMEB data format: records, readers and writers, PyTorch datasets and collates, manifests.
 
 Formats (MMEB / VLM2Vec; one record per jsonl line or parquet row; image paths relative to an image
 root; an empty or null image path means "no image"; texts mark the image with `<|image_1|>`):
@@ -6,7 +6,8 @@ root; an empty or null image path means "no image"; texts mark the image with `<
     train  qry, qry_image_path, pos_text, pos_image_path [, neg_text, neg_image_path]
     eval   qry_text, qry_img_path, tgt_text (list), tgt_img_path (list); candidate 0 is the positive
 
-A data set folder (written by `make_scenes_dataset` or `make_digits_dataset`, or by hand):
+A data set folder (written by the built-in generators `llave_kit.scenes` and `llave_kit.digits`,
+described by `write_mmeb_manifest` for real MMEB files, or by hand):
 
     manifest.json                    tasks, meta-task of each, files, counts, seed, parameters
     vocabulary.txt                   every word the texts use, one per line
@@ -15,8 +16,14 @@ A data set folder (written by `make_scenes_dataset` or `make_digits_dataset`, or
     eval/<task>_<level>.jsonl        candidate lists, one file per hardness level
     images/...                       PNG files; paths in the records are relative to the folder
 
+One shape per concept on the way from a file to a loss: a record (the columns above) becomes a
+`TrainItem` or an `EvalItem` (`TrainPairDataset`, `EvalDataset`: images opened, nulls made ""), and
+a list of items becomes a `TrainBatch` or an `EvalBatch` (`collate_train_pairs`, `collate_eval`).
+
 Bad input raises ValueError / FileNotFoundError naming file and line (parquet: row); with
 on_error="skip" bad records are dropped, counted in `.skipped` and reported in a warning.
+
+The generators import this module, never the reverse (tests/test_data_layers.py checks it).
 
 Example:
     info = load_manifest("data/scenes")
@@ -27,19 +34,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
-import uuid
 import warnings
 from collections import OrderedDict
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TypedDict
 
-import numpy as np
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
+
+from llave_kit.files import atomic_path, write_text
 
 IMAGE_PLACEHOLDER = "<|image_1|>"
 
@@ -50,8 +56,8 @@ TRAIN_NEGATIVE_COLUMNS = {"neg_text": "text", "neg_image_path": "path"}
 EVAL_COLUMNS = {"qry_text": "text", "qry_img_path": "path",
                 "tgt_text": "texts", "tgt_img_path": "paths"}
 
-# Instructions shared by the built-in data sets (lower case, no punctuation, so that any word-level
-# pre-tokenizer splits them into the words of `scenes_vocabulary()`).
+# MMEB-style instructions, as the built-in generators write them into their texts: lower case and
+# without punctuation, so that a word-level pre-tokenizer splits them into plain words.
 INSTRUCTIONS = {
     "classify": f"{IMAGE_PLACEHOLDER} represent the given image for classification",
     "image_target": f"{IMAGE_PLACEHOLDER} represent the given image",
@@ -59,63 +65,7 @@ INSTRUCTIONS = {
     "caption_image": f"{IMAGE_PLACEHOLDER} find a caption describing the given image",
     "find_image": "find an image that matches the given caption {caption}",
 }
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-DIGIT_CAPTION = "a handwritten digit {digit}"
 MANIFEST_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path` in one os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-@contextmanager
-def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it becomes `out_dir` in one rename.
-
-    A generator that fails half-way leaves nothing behind, and readers never see a half-written
-    data set. An existing non-empty `out_dir` is replaced only with overwrite=True.
-    """
-    out_dir = Path(out_dir)
-    _check_output_dir(out_dir, overwrite)
-    stage = out_dir.with_name(f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}")
-    stage.mkdir(parents=True)
-    try:
-        yield stage
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(stage, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir}: exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"{out_dir}: exists and is not empty (other files, or a data set made "
-                         f"with other parameters); pass overwrite=True or choose another folder")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,7 +246,7 @@ class ImageCache:
         self.set_budget(max_bytes)
 
     @classmethod
-    def from_environment(cls) -> "ImageCache":
+    def from_environment(cls) -> ImageCache:
         raw = os.environ.get(IMAGE_CACHE_ENV, str(DEFAULT_IMAGE_CACHE_MB))
         try:
             megabytes = float(raw)
@@ -376,7 +326,55 @@ def load_image(path: str | os.PathLike, where: str = "") -> Image.Image:
 
 
 # --------------------------------------------------------------------------------------------------
-# Datasets and collates
+# Datasets and collates: what a record becomes on its way to a model
+#
+# Texts are str ("" where the record has null or ""), images PIL RGB or None ("no image").
+
+
+class TrainItem(TypedDict):
+    """One training pair, as `TrainPairDataset` yields it."""
+
+    query_text: str
+    query_image: Image.Image | None
+    pos_text: str
+    pos_image: Image.Image | None
+    # None when the record has no negative (neither neg_text nor neg_image_path); otherwise a str
+    # ("" for an image-only negative), and neg_image is None for a text-only one
+    neg_text: str | None
+    neg_image: Image.Image | None
+
+
+class TrainBatch(TypedDict):
+    """Training pairs field by field (`collate_train_pairs`): queries and positives line up by row.
+
+    neg_texts / neg_images hold only the items that carry a negative, so they may be shorter than
+    the batch: extra negatives are shared by every query (target rows B.. of the losses).
+    """
+
+    query_texts: list[str]
+    query_images: list[Image.Image | None]
+    pos_texts: list[str]
+    pos_images: list[Image.Image | None]
+    neg_texts: list[str]
+    neg_images: list[Image.Image | None]
+
+
+class EvalItem(TypedDict):
+    """One candidate list, as `EvalDataset` yields it; candidate 0 is the positive."""
+
+    query_text: str
+    query_image: Image.Image | None
+    candidate_texts: list[str]
+    candidate_images: list[Image.Image | None]
+
+
+class EvalBatch(TypedDict):
+    """Candidate lists field by field (`collate_eval`)."""
+
+    query_texts: list[str]
+    query_images: list[Image.Image | None]
+    candidate_texts: list[list[str]]
+    candidate_images: list[list[Image.Image | None]]
 
 
 def default_image_root(path: Path) -> Path:
@@ -423,70 +421,59 @@ class _RecordDataset(Dataset):
 
 
 class TrainPairDataset(_RecordDataset):
-    """MMEB training pairs. Item: query_text, query_image, pos_text, pos_image, neg_text, neg_image.
-
-    Images are PIL RGB or None; texts are str ("" for null). neg_text is None when the record has
-    no negative (no neg_text, no neg_image_path); otherwise it is a str and neg_image may be None.
-    """
+    """MMEB training pairs, one `TrainItem` per record."""
 
     kind = "train"
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> TrainItem:
         where, r = self.rows[i]
         has_negative = bool(r.get("neg_text") or r.get("neg_image_path"))
-        return {
-            "query_text": r["qry"] or "",
-            "query_image": self._image(r["qry_image_path"], where),
-            "pos_text": r["pos_text"] or "",
-            "pos_image": self._image(r["pos_image_path"], where),
-            "neg_text": (r.get("neg_text") or "") if has_negative else None,
-            "neg_image": self._image(r.get("neg_image_path"), where) if has_negative else None,
-        }
+        return TrainItem(
+            query_text=r["qry"] or "",
+            query_image=self._image(r["qry_image_path"], where),
+            pos_text=r["pos_text"] or "",
+            pos_image=self._image(r["pos_image_path"], where),
+            neg_text=(r.get("neg_text") or "") if has_negative else None,
+            neg_image=self._image(r.get("neg_image_path"), where) if has_negative else None,
+        )
 
 
 class EvalDataset(_RecordDataset):
-    """MMEB candidate lists. Item: query_text, query_image, candidate_texts, candidate_images.
-
-    Candidate 0 is the positive. Images are PIL RGB or None; texts are str ("" for null).
-    """
+    """MMEB candidate lists, one `EvalItem` per record."""
 
     kind = "eval"
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> EvalItem:
         where, r = self.rows[i]
-        return {
-            "query_text": r["qry_text"] or "",
-            "query_image": self._image(r["qry_img_path"], where),
-            "candidate_texts": [t or "" for t in r["tgt_text"]],
-            "candidate_images": [self._image(p, where) for p in r["tgt_img_path"]],
-        }
+        return EvalItem(
+            query_text=r["qry_text"] or "",
+            query_image=self._image(r["qry_img_path"], where),
+            candidate_texts=[t or "" for t in r["tgt_text"]],
+            candidate_images=[self._image(p, where) for p in r["tgt_img_path"]],
+        )
 
 
-def collate_train_pairs(items: list[dict]) -> dict:
-    """Batch TrainPairDataset items into lists.
-
-    Only items that carry a negative contribute to neg_texts / neg_images: extra negatives are
-    shared by every query of the batch (target rows B.. of the losses), so they need not line up.
-    """
+def collate_train_pairs(items: list[TrainItem]) -> TrainBatch:
+    """Batch training pairs field by field; only items that carry a negative add to neg_*."""
     negatives = [it for it in items if it["neg_text"] is not None]
-    return {
-        "query_texts": [it["query_text"] for it in items],
-        "query_images": [it["query_image"] for it in items],
-        "pos_texts": [it["pos_text"] for it in items],
-        "pos_images": [it["pos_image"] for it in items],
-        "neg_texts": [it["neg_text"] for it in negatives],
-        "neg_images": [it["neg_image"] for it in negatives],
-    }
+    return TrainBatch(
+        query_texts=[it["query_text"] for it in items],
+        query_images=[it["query_image"] for it in items],
+        pos_texts=[it["pos_text"] for it in items],
+        pos_images=[it["pos_image"] for it in items],
+        neg_texts=[it["neg_text"] for it in negatives],
+        neg_images=[it["neg_image"] for it in negatives],
+    )
 
 
-def collate_eval(items: list[dict]) -> dict:
-    """Batch EvalDataset items: query_texts, query_images, candidate_texts, candidate_images."""
-    return {
-        "query_texts": [it["query_text"] for it in items],
-        "query_images": [it["query_image"] for it in items],
-        "candidate_texts": [it["candidate_texts"] for it in items],
-        "candidate_images": [it["candidate_images"] for it in items],
-    }
+def collate_eval(items: list[EvalItem]) -> EvalBatch:
+    """Batch candidate lists field by field."""
+    return EvalBatch(
+        query_texts=[it["query_text"] for it in items],
+        query_images=[it["query_image"] for it in items],
+        candidate_texts=[it["candidate_texts"] for it in items],
+        candidate_images=[it["candidate_images"] for it in items],
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -621,134 +608,6 @@ def text_words(text: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# A real image source: scikit-learn's handwritten digits
-
-
-def digit_caption(label: int) -> str:
-    return DIGIT_CAPTION.format(digit=DIGIT_WORDS[label])
-
-
-def _digit_image(pixels: np.ndarray, image_size: int) -> Image.Image:
-    """8x8 values in [0, 16] -> image_size x image_size RGB, white strokes on black, bilinear."""
-    gray = Image.fromarray(np.round(pixels * 255 / 16).astype(np.uint8), mode="L")
-    return gray.resize((image_size, image_size), Image.BILINEAR).convert("RGB")
-
-
-def _digit_pairs(labels: list[int], paths: list[str], ids: list[int]) -> dict[str, list[dict]]:
-    """Training pairs of both digit tasks for the images `ids`."""
-    cls, t2i = [], []
-    for i in ids:
-        caption = digit_caption(labels[i])
-        cls.append({"qry": INSTRUCTIONS["classify"], "qry_image_path": paths[i],
-                    "pos_text": caption, "pos_image_path": ""})
-        t2i.append({"qry": INSTRUCTIONS["find_image"].format(caption=caption),
-                    "qry_image_path": "", "pos_text": INSTRUCTIONS["image_target"],
-                    "pos_image_path": paths[i]})
-    return {"digits_cls": cls, "digits_t2i": t2i}
-
-
-def _digit_lists(labels, paths, ids, rng, num_candidates: int) -> dict[str, list[dict]]:
-    """Eval lists of both digit tasks: the truth first, then one candidate per other digit drawn."""
-    by_label = {d: [i for i in ids if labels[i] == d] for d in range(10)}
-    cls, t2i = [], []
-    for i in ids:
-        others = [d for d in range(10) if d != labels[i]]
-        negatives = [others[k] for k in rng.permutation(9)[: num_candidates - 1]]
-        caption = digit_caption(labels[i])
-        cls.append({"qry_text": INSTRUCTIONS["classify"], "qry_img_path": paths[i],
-                    "tgt_text": [caption] + [digit_caption(d) for d in negatives],
-                    "tgt_img_path": [""] * num_candidates})
-        images = [paths[by_label[d][rng.integers(len(by_label[d]))]] for d in negatives]
-        t2i.append({"qry_text": INSTRUCTIONS["find_image"].format(caption=caption),
-                    "qry_img_path": "", "tgt_text": [INSTRUCTIONS["image_target"]] * num_candidates,
-                    "tgt_img_path": [paths[i]] + images})
-    return {"digits_cls": cls, "digits_t2i": t2i}
-
-
-def make_digits_dataset(
-    out_dir: str | os.PathLike,
-    *,
-    train_fraction: float = 0.5,
-    num_candidates: int = 10,
-    image_size: int = 56,
-    seed: int = 0,
-    overwrite: bool = False,
-) -> DatasetInfo:
-    """scikit-learn's 1,797 handwritten digits (8x8, upscaled) as an MMEB data set folder.
-
-    Tasks: digits_cls (classification: image -> "a handwritten digit seven" among `num_candidates`
-    distinct digit captions) and digits_t2i (retrieval: caption -> image among images of distinct
-    digits). A seeded split puts `train_fraction` of the images into training pairs, the rest into
-    eval lists (level "random"). labels.jsonl gives each image's digit for clustering studies.
-    Same parameters and an existing folder -> the folder is reused.
-    """
-    from sklearn.datasets import load_digits
-
-    if not 2 <= num_candidates <= 10:
-        raise ValueError(f"num_candidates must be in [2, 10] (ten digits), got {num_candidates}")
-    if not 0 < train_fraction < 1:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
-    params = {"train_fraction": train_fraction, "num_candidates": num_candidates,
-              "image_size": image_size, "seed": seed}
-    if (info := existing_dataset(out_dir, "digits", params, overwrite)) is not None:
-        return info
-    digits, rng = load_digits(), np.random.default_rng(seed)
-    labels = [int(t) for t in digits.target]
-    paths = [f"images/digits/{i:04d}.png" for i in range(len(labels))]
-    is_train = np.zeros(len(labels), bool)
-    is_train[rng.permutation(len(labels))[: round(train_fraction * len(labels))]] = True
-    train_ids, eval_ids = np.flatnonzero(is_train).tolist(), np.flatnonzero(~is_train).tolist()
-    pairs = _digit_pairs(labels, paths, train_ids)
-    lists = _digit_lists(labels, paths, eval_ids, rng, num_candidates)
-    with staged_directory(out_dir, overwrite) as stage:
-        for i, rel in enumerate(paths):
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            _digit_image(digits.images[i], image_size).save(stage / rel, format="PNG")
-        for task in pairs:
-            write_records(stage / f"train/{task}.jsonl", pairs[task], kind="train")
-            write_records(stage / f"eval/{task}_random.jsonl", lists[task], kind="eval")
-        write_records(stage / "labels.jsonl", [
-            {"image_path": p, "split": "train" if is_train[i] else "eval", "label": labels[i],
-             "digit": DIGIT_WORDS[labels[i]]} for i, p in enumerate(paths)])
-        records = [r for group in (pairs, lists) for rows in group.values() for r in rows]
-        words = sorted({w for r in records for w in text_words(_texts(r))})
-        write_text(stage / "vocabulary.txt", "\n".join(words) + "\n")
-        write_manifest(stage, _digits_manifest(params, len(train_ids), len(eval_ids), len(paths)))
-    return load_manifest(out_dir)
-
-
-def _texts(record: dict) -> str:
-    """All texts of a train or eval record, joined by spaces."""
-    fields = [record.get(k) for k in ("qry", "pos_text", "neg_text", "qry_text")]
-    return " ".join([f for f in fields if f] + list(record.get("tgt_text", [])))
-
-
-def _digits_manifest(params: dict, n_train: int, n_eval: int, n_images: int) -> dict:
-    def task(name, meta_task, query, target):
-        return {"meta_task": meta_task, "query_modality": query, "target_modality": target,
-                "train": f"train/{name}.jsonl", "n_train": n_train,
-                "eval": {"random": f"eval/{name}_random.jsonl"}, "hard_fraction": {"random": 0.0},
-                "n_eval": n_eval, "num_candidates": params["num_candidates"]}
-
-    return {
-        "name": "digits", "version": MANIFEST_VERSION, "seed": params["seed"], "parameters": params,
-        "image_root": ".", "vocabulary": "vocabulary.txt", "labels": "labels.jsonl",
-        "tasks": {"digits_cls": task("digits_cls", "classification", "image", "text"),
-                  "digits_t2i": task("digits_t2i", "retrieval", "text", "image")},
-        "counts": {"train_pairs": 2 * n_train, "eval_queries": 2 * n_eval, "images": n_images},
-    }
-
-
-def __getattr__(name: str):
-    # Lazy re-export: llave_kit.scenes imports this module, so it cannot be imported at the top.
-    if name in ("make_scenes_dataset", "scenes_vocabulary"):
-        from llave_kit import scenes
-
-        return getattr(scenes, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# --------------------------------------------------------------------------------------------------
 # Describing a real MMEB folder
 
 MMEB_META_TASKS = {
@@ -786,7 +645,7 @@ def write_mmeb_manifest(root: str | os.PathLike, image_root: str = ".", level: s
                        "eval": {level: evaluation.relative_to(root).as_posix()} if evaluation else {}}
         for path, kind in ((train, "train"), (evaluation, "eval")):
             if path is not None:
-                words.update(w for record in read_records(path, kind) for w in _record_words(record))
+                words.update(w for record in read_records(path, kind) for w in record_words(record))
     write_text(root / "vocabulary.txt", "\n".join(sorted(words)) + "\n")
     write_text(root / "labels.jsonl", "")
     write_manifest(root, {"name": root.name, "version": MANIFEST_VERSION, "seed": None,
@@ -795,7 +654,8 @@ def write_mmeb_manifest(root: str | os.PathLike, image_root: str = ".", level: s
     return load_manifest(root)
 
 
-def _record_words(record: dict) -> list[str]:
+def record_words(record: dict) -> list[str]:
+    """The lower-cased words of every text of a train or eval record."""
     texts = [record.get(k) for k in ("qry", "pos_text", "neg_text", "qry_text")]
     texts += list(record.get("tgt_text") or [])
     return [w.lower() for text in texts if text for w in text_words(text)]

@@ -23,12 +23,10 @@ sets the share of a list's negatives that are hard. `make_scenes_dataset` writes
 hardness level (default "hard" = 1.0 and "random" = 0.0), all levels sharing queries and positives,
 and a `<file>.attributes.jsonl` beside each with every candidate's attributes.
 
-Run: python -m llave_kit.scenes OUT_DIR [--seed 0] [--n-train 500] [--n-eval 200]
+Write one: llave-kit make-data scenes OUT_DIR [--seed 0] [--n-train 500] [--n-eval 200]
 """
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from string import Formatter
@@ -38,10 +36,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from llave_kit.data import (
-    DIGIT_CAPTION, DIGIT_WORDS, IMAGE_PLACEHOLDER, INSTRUCTIONS, MANIFEST_VERSION, DatasetInfo,
-    existing_dataset, load_manifest, staged_directory, text_words, write_manifest, write_records,
-    write_text,
+    IMAGE_PLACEHOLDER, INSTRUCTIONS, MANIFEST_VERSION, DatasetInfo, existing_dataset,
+    load_manifest, text_words, write_manifest, write_records,
 )
+from llave_kit.digits import DIGIT_CAPTION, DIGIT_WORDS
+from llave_kit.files import staged_directory, write_text
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {
@@ -435,8 +434,7 @@ def _write_task(stage: Path, t: int, task: Task, params: dict, images: _ImageWri
         entry["eval"][level] = f"eval/{task.name}_{level}.jsonl"
         entry["attributes"][level] = f"eval/{task.name}_{level}.attributes.jsonl"
         write_records(stage / entry["eval"][level], records[level], kind="eval")
-        rows = "".join(json.dumps(row) + "\n" for row in attributes[level])
-        write_text(stage / entry["attributes"][level], rows)
+        write_records(stage / entry["attributes"][level], attributes[level])
     return entry
 
 
@@ -526,24 +524,3 @@ def scenes_vocabulary() -> list[str]:
               *DIGIT_WORDS]
     words = {w for t in templates for w in _template_words(t)}
     return sorted(words | {w for v in values for w in v.split()})
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the compositional-scenes data set.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=500)
-    parser.add_argument("--n-eval", type=int, default=200)
-    parser.add_argument("--num-candidates", type=int, default=8)
-    parser.add_argument("--train-hard-negatives", action="store_true")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    info = make_scenes_dataset(
-        args.out_dir, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed,
-        num_candidates=args.num_candidates, train_hard_negatives=args.train_hard_negatives,
-        overwrite=args.overwrite)
-    print(json.dumps(info.manifest["counts"]))
-
-
-if __name__ == "__main__":
-    main()

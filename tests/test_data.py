@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader
 
 from llave_kit import data, scenes
 from llave_kit.data import (
-    EvalDataset, TrainPairDataset, collate_eval, collate_train_pairs, load_manifest,
-    make_digits_dataset, read_records, write_records,
+    EvalDataset, TrainPairDataset, collate_eval, collate_train_pairs, load_manifest, read_records,
+    write_records,
 )
+from llave_kit.digits import make_digits_dataset
 from llave_kit.scenes import COLORS, make_scenes_dataset, scenes_vocabulary
 
 TINY = dict(n_train=3, n_eval=4, num_candidates=8, seed=3)
@@ -514,9 +515,15 @@ def test_collate_layouts(tmp_path):
     assert batch["candidate_images"][0][1].size == (8, 8)
 
 
-def test_lazy_reexports():
-    assert data.make_scenes_dataset is make_scenes_dataset
-    assert data.scenes_vocabulary is scenes_vocabulary
+def test_items_and_batches_have_exactly_their_typed_keys(tmp_path):
+    make_images(tmp_path)
+    (tmp_path / "t.jsonl").write_text(train_line() + "\n")
+    (tmp_path / "e.jsonl").write_text(eval_line() + "\n")
+    pair, candidates = TrainPairDataset(tmp_path / "t.jsonl")[0], EvalDataset(tmp_path / "e.jsonl")[0]
+    assert set(pair) == data.TrainItem.__required_keys__
+    assert set(collate_train_pairs([pair])) == data.TrainBatch.__required_keys__
+    assert set(candidates) == data.EvalItem.__required_keys__
+    assert set(collate_eval([candidates])) == data.EvalBatch.__required_keys__
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from llave_kit.data import write_mmeb_manifest, write_records
-from llave_kit.studies import evaluate_embedder, load_data, load_model
+from llave_kit.studies import evaluate_embedder, load_data, load_model, train_embedder
 
 
 @pytest.fixture
@@ -38,10 +38,18 @@ def test_manifest_describes_tasks_meta_tasks_and_vocabulary(mmeb_folder):
 def test_studies_train_and_evaluate_on_the_folder(mmeb_folder, tmp_path_factory):
     write_mmeb_manifest(mmeb_folder)
     data = load_data(str(mmeb_folder))
-    model = load_model("tiny-dual", data)
+    before = evaluate_embedder(load_model("tiny-dual", data), data, levels=("test",))
+    model, result = train_embedder("tiny-dual", data, tmp_path_factory.mktemp("run"),
+                                   loss="info_nce", batch_size=2, max_steps=12)
     table = evaluate_embedder(model, data, levels=("test",))
     assert list(table.task) == ["MSCOCO_i2t", "ObjectNet"]
     assert table["p@1"].between(0, 1).all()
+    losses = [record["loss"] for record in result.history]
+    # a batch of the two pairs starts near ln 2 (the captions not told apart) and is learnt by heart
+    assert len(losses) == 12 and losses[0] > 0.5 and losses[-1] < 0.01
+    trained, untrained = (t.set_index("task").loc["MSCOCO_i2t"] for t in (table, before))
+    assert trained["p@1"] == 1.0
+    assert trained["gap"] > untrained["gap"] + 0.2  # the other caption was pushed away
     with pytest.raises(ValueError, match="only apply to built-in data"):
         load_data(str(mmeb_folder), seed=3)
     with pytest.warns(UserWarning, match="read as it is"):  # notebooks pass sizes whatever the data
