@@ -1,49 +1,150 @@
-"""Command line: `python -m llave_kit <command>` (or the `llave-kit` console script).
+"""The kit's command line: `llave-kit <command>` (or `python -m llave_kit <command>`).
 
-    python -m llave_kit run-pipeline pipelines/cpu_demo.yaml [--force] [--set steps=50 ...]
-    python -m llave_kit describe-mmeb data/mmeb      # write manifest.json for an MMEB folder
-    python -m llave_kit pretrain configs/pretrain_tiny_dual.yaml checkpoints/tiny-dual-scenes
+    llave-kit train --config cfg.yaml [KEY=VALUE ...]    # also `torchrun ... -m llave_kit.train`
+    llave-kit make-data scenes data/scenes [--n-train 500 --n-eval 200 ...]
+    llave-kit make-data digits data/digits [--train-fraction 0.5 ...]
+    llave-kit describe-mmeb data/mmeb                     # write manifest.json for an MMEB folder
+    llave-kit run-pipeline pipelines/cpu_demo.yaml [--force] [--set steps=50 ...]
+    llave-kit pretrain configs/pretrain_tiny_dual.yaml checkpoints/tiny-dual-scenes
+
+A KEY=VALUE reads its value as YAML (`max_steps=7`, `alpha=0.5`, `seeds=[0,1]`,
+`loss_kwargs={symmetric: false}`). A mistake in the command line or in a file it names prints one
+line, `error: ...`, and exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llave_kit.train import TrainConfig
 
 
-def _run_pipeline(args: argparse.Namespace) -> int:
+class UsageError(ValueError):
+    """A mistake in the command line or in a file it names; `main` reports it in one line."""
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
+    """["KEY=VALUE", ...] -> {KEY: VALUE read as YAML}; a later KEY wins."""
     import yaml
 
-    from llave_kit.pipeline import PipelineError, load_pipeline, run_pipeline
-
-    overrides = {}
-    for item in args.set:
+    params = {}
+    for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            print(f"error: --set {item!r} is not KEY=VALUE", file=sys.stderr)
-            return 2
-        overrides[key.strip()] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise UsageError(f"{item!r} is not KEY=VALUE")
+        try:
+            params[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise UsageError(f"{item!r}: the value is not YAML ({_yaml_problem(error)})") from None
+    return params
+
+
+def _yaml_problem(error) -> str:
+    """The gist of a YAML error; its full text spans lines and quotes the input with a caret."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if problem is None:
+        return str(error)
+    return f"{problem}, line {mark.line + 1} column {mark.column + 1}" if mark else problem
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A YAML mapping of TrainConfig fields, then KEY=VALUE overrides."""
+    import yaml
+
     try:
-        pipeline = load_pipeline(args.pipeline, root=args.root, overrides=overrides)
-        outcomes = run_pipeline(pipeline, force=args.force)
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0 if all(outcome.succeeded for outcome in outcomes) else 1
+        params = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as error:
+        raise UsageError(f"{path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise UsageError(f"{path}: not valid YAML ({_yaml_problem(error)})") from None
+    if not isinstance(params, dict):
+        raise UsageError(
+            f"{path}: expected a mapping of TrainConfig fields, got {type(params).__name__}")
+    params.update(parse_assignments(overrides))
+    from llave_kit.train import TrainConfig  # imports torch: only once the text has been read
+
+    try:
+        return TrainConfig.from_dict(params)
+    except ValueError as error:  # its message names the field, which may come from overrides
+        raise UsageError(str(error)) from None
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from llave_kit.data import TrainPairDataset, load_manifest
+    from llave_kit.distributed import is_distributed
+    from llave_kit.encoders import load_embedder
+    from llave_kit.train import train
+
+    config = load_config(args.config, args.overrides)
+    if config.model is None or config.data is None:
+        raise UsageError(f"{args.config}: set `model` (an embedder name or folder) and `data` "
+                         "(a data set folder or a train jsonl) to train from the command line")
+    try:
+        if Path(config.data).is_dir():
+            dataset = load_manifest(config.data).train_dataset()  # images under its root
+        else:
+            dataset = TrainPairDataset(config.data, config.image_root)
+        model = load_embedder(config.model)
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None  # it names the file or model
+    try:
+        train(config, model, dataset)
+    finally:
+        if is_distributed():
+            dist.destroy_process_group()
+    return 0
+
+
+def _make_data(args: argparse.Namespace) -> int:
+    options = {key: value for key, value in vars(args).items()
+               if key not in ("command", "handler", "kind", "out_dir")}
+    if args.kind == "scenes":
+        from llave_kit.scenes import make_scenes_dataset as make
+    else:
+        from llave_kit.digits import make_digits_dataset as make
+    try:
+        info = make(args.out_dir, **options)
+    except ValueError as error:  # parameters out of range, a folder holding something else
+        raise UsageError(str(error)) from None
+    print(json.dumps(info.manifest["counts"]))
+    return 0
 
 
 def _describe_mmeb(args: argparse.Namespace) -> int:
     from llave_kit.data import write_mmeb_manifest
 
-    info = write_mmeb_manifest(args.folder, image_root=args.image_root)
+    try:
+        info = write_mmeb_manifest(args.folder, image_root=args.image_root)
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
     for task in info.tasks:
         print(f"{task}: {info.meta_task(task)}, train={bool(info.task(task)['train'])}, "
               f"eval={info.levels(task)}")
     return 0
 
 
-def _pretrain(args: argparse.Namespace) -> int:
-    import json
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from llave_kit.pipeline import PipelineError, load_pipeline, run_pipeline
 
+    overrides = parse_assignments(args.set)
+    if not Path(args.pipeline).is_file():
+        raise UsageError(f"{args.pipeline}: no such file")
+    try:
+        pipeline = load_pipeline(args.pipeline, root=args.root, overrides=overrides)
+        outcomes = run_pipeline(pipeline, force=args.force)
+    except PipelineError as error:
+        raise UsageError(str(error)) from None
+    return 0 if all(outcome.succeeded for outcome in outcomes) else 1
+
+
+def _pretrain(args: argparse.Namespace) -> int:
     from llave_kit.studies import pretrain
 
     card = pretrain(args.recipe, args.out, work_dir=args.work_dir)
@@ -51,20 +152,60 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_make_data(commands) -> None:
+    make = commands.add_parser("make-data", help="write a built-in data set folder (MMEB layout)")
+    kinds = make.add_subparsers(dest="kind", required=True)
+    scenes = kinds.add_parser("scenes", help="compositional scenes, one-attribute-off negatives")
+    scenes.add_argument("--n-train", type=int, default=500, metavar="N",
+                        help="training pairs per task (default: %(default)s)")
+    scenes.add_argument("--n-eval", type=int, default=200, metavar="N",
+                        help="eval queries per task (default: %(default)s)")
+    scenes.add_argument("--num-candidates", type=int, default=8, metavar="N",
+                        help="candidates per eval list (default: %(default)s)")
+    scenes.add_argument("--image-size", type=int, default=84, metavar="PX",
+                        help="image side (default: %(default)s)")
+    scenes.add_argument("--tasks", nargs="+", metavar="TASK",
+                        help="a subset of the six tasks (cls_object, vqa_count, vqa_position, "
+                             "ret_i2t, ret_t2i, grd_position; default: all)")
+    scenes.add_argument("--train-hard-negatives", action="store_true",
+                        help="give every training pair a one-attribute-off negative")
+    digits = kinds.add_parser("digits", help="scikit-learn's handwritten digits")
+    digits.add_argument("--train-fraction", type=float, default=0.5, metavar="F",
+                        help="share of the images for training (default: %(default)s)")
+    digits.add_argument("--num-candidates", type=int, default=10, metavar="N",
+                        help="candidates per eval list (default: %(default)s)")
+    digits.add_argument("--image-size", type=int, default=56, metavar="PX",
+                        help="image side (default: %(default)s)")
+    for name, kind in (("scenes", scenes), ("digits", digits)):
+        kind.add_argument("out_dir", help=f"folder to write, e.g. data/{name}")
+        kind.add_argument("--seed", type=int, default=0,
+                          help="same seed and options, same bytes (default: %(default)s)")
+        kind.add_argument("--overwrite", action="store_true",
+                          help="replace a folder that holds something else")
+        kind.set_defaults(handler=_make_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llave-kit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="llave-kit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train an embedder by a YAML config (torchrun-aware)")
+    train.add_argument("--config", required=True, help="YAML file of TrainConfig fields")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="override a config field (YAML value), e.g. max_steps=100 alpha=0")
+    train.set_defaults(handler=_train)
+    _add_make_data(commands)
+    describe = commands.add_parser("describe-mmeb", help="write manifest.json for an MMEB folder")
+    describe.add_argument("folder", help="folder with train/ and/or eval/ MMEB files")
+    describe.add_argument("--image-root", default=".", help="images folder, relative to FOLDER")
+    describe.set_defaults(handler=_describe_mmeb)
     pipeline = commands.add_parser("run-pipeline", help="execute a YAML pipeline of notebooks")
     pipeline.add_argument("pipeline", help="pipeline file, e.g. pipelines/cpu_demo.yaml")
     pipeline.add_argument("--force", action="store_true", help="re-run runs that are up to date")
     pipeline.add_argument("--root", default=".", help="folder holding notebooks/, runs/, figures/")
     pipeline.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a parameter in every notebook that declares it (YAML value)")
+                          help="override a parameter (YAML value) in every notebook declaring it")
     pipeline.set_defaults(handler=_run_pipeline)
-    describe = commands.add_parser("describe-mmeb", help="write manifest.json for an MMEB folder")
-    describe.add_argument("folder", help="folder with train/ and/or eval/ MMEB files")
-    describe.add_argument("--image-root", default=".", help="images folder, relative to FOLDER")
-    describe.set_defaults(handler=_describe_mmeb)
     pretrain = commands.add_parser("pretrain", help="make a starting checkpoint by a recipe file")
     pretrain.add_argument("recipe", help="e.g. configs/pretrain_tiny_dual.yaml")
     pretrain.add_argument("out", help="folder to write the checkpoint to, e.g. checkpoints/NAME")
@@ -73,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a mistake raises UsageError (for Python callers and tests)."""
     args = build_parser().parse_args(argv)
     return args.handler(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`run`, with a UsageError printed as `error: ...` (one line) and exit status 2."""
+    try:
+        return run(argv)
+    except UsageError as error:
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+        return 2

@@ -3,77 +3,78 @@
     from llave_kit.train import TrainConfig, train
     config = TrainConfig.from_dict({"loss": "hardness_weighted", "alpha": 9.0, "max_steps": 200,
                                     "output_dir": "runs/demo"})
-    result = train(config, model, dataset)          # model.encode(texts, images) -> (N, D)
+    result = train(config, model, dataset)          # model: an encoders.Embedder
     result.history[-1]["loss"], result.final_model_path
 
+    llave-kit train --config cfg.yaml [key=value ...]                      # one process
     torchrun --nproc_per_node 4 -m llave_kit.train --config cfg.yaml [key=value ...]
-    python -m llave_kit.train --config cfg.yaml      # the same, one process
 
 Each step: `grad_accum_steps` contrastive batches of `batch_size` pairs per process. A batch embeds
-its queries (`encode_queries` if the model has it, else `encode`) and its targets (positives, then
-any explicit negatives), and the loss contrasts every query with every target. Under torchrun the
+its queries (`encode_queries`) and its targets (`encode_targets`: positives, then any explicit
+negatives), and the loss contrasts every query with every target. Under torchrun the
 loss gathers all ranks' embeddings (`gather_across_devices=True`), so each query sees the global
 batch as negatives; DDP averages the gradients, which by the loss contract equals the gradient of
 the single-process loss on the global batch. `gradcache_chunk_size` embeds a batch in chunks with
-bounded memory and the same gradient (GradCache, `contrastive_backward`).
+bounded memory and the same gradient (`llave_kit.gradcache`).
 
 Output dir:
     config.json            the TrainConfig of the run
     metrics.jsonl          one record per `log_every` steps: step, epoch, loss, lr, grad_norm,
                            examples_per_s, elapsed_s (loss and lr are those of that step)
     eval.jsonl             `eval_fn(model)` results: before training, every `eval_every`, at the end
-    checkpoints/step_00000100/
-        model.safetensors          model weights (safetensors.torch.save_model)
-        trainer_state.safetensors  tensors: optimizer moments ("optimizer.<param>.<name>"), torch
-                                   CPU/CUDA RNG states per rank ("rng.<rank>.torch|cuda")
-        trainer_state.json         step, data position (epoch, batch_in_epoch), world size, elapsed,
-                                   config, optimizer param groups, scheduler and grad-scaler state,
-                                   python and numpy RNG states per rank
+    checkpoints/step_00000100/   model, optimizer, scheduler, scaler and RNG state
+                                 (layout in `llave_kit.checkpoints`); the newest `keep_last` kept
     final/                 the trained model (`model.save_pretrained`, else model.safetensors)
 
-Checkpoints are written to a temporary folder and renamed, so `checkpoints/` only ever holds
-complete ones; the newest `keep_last` are kept. `resume=True` continues from the newest: the data
-order depends only on (seed, epoch) and the step, so the resumed run replays the uninterrupted one
-(bit for bit on CPU). A fresh run refuses an output_dir holding a run unless `overwrite=True`.
-Under torchrun only rank 0 writes, and every rank reads the checkpoint on resume: output_dir must
-be storage all ranks see.
+`resume=True` continues from the newest checkpoint: the data order depends only on (seed, epoch)
+and the step, so the resumed run replays the uninterrupted one (bit for bit on CPU). A fresh run
+refuses an output_dir holding a run unless `overwrite=True`. Under torchrun only rank 0 writes, and
+every rank reads the checkpoint on resume: output_dir must be storage all ranks see.
 
 References: LLaVE (Lan et al. 2025) for the recipe (cosine schedule, warm-up ratio 0.03, global
-batch 256); Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
-Setup" (GradCache); nanoGPT for the shape of the loop.
+batch 256); nanoGPT for the shape of the loop.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import random
-import re
 import shutil
+import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from llave_kit.data import write_text
+from llave_kit.checkpoints import (
+    checkpoint_dir,
+    gather_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_saves,
+    save_checkpoint,
+    save_final_model,
+)
 from llave_kit.distributed import is_distributed, rank, world_size
+from llave_kit.files import write_text
+from llave_kit.gradcache import Encoder, contrastive_backward, rng_devices
 from llave_kit.losses import make_loss
 from llave_kit.progress import progress_bar
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("cosine", "constant")
-CHECKPOINT_FORMAT = "llave-kit-checkpoint/1"
 _RESERVED_LOSS_KWARGS = {
     "temperature": "set it as TrainConfig.temperature",
     "alpha": "set it as TrainConfig.alpha",
@@ -87,7 +88,8 @@ _RESERVED_LOSS_KWARGS = {
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs besides the model and the data (which `main()` reads from here).
+    """Everything a run needs besides the model and the data (which `llave-kit train` reads from
+    here).
 
     Defaults suit the CPU scale of this kit (tiny models, lr 1e-3, tau 0.05, batch 64); LLaVE's own
     runs use lr 1e-5, tau 0.02, alpha 9, global batch 256, 1 epoch, bf16.
@@ -132,7 +134,7 @@ class TrainConfig:
     # a fresh run (resume=False) into an output_dir that holds a run: False raises, True first
     # deletes that run's checkpoints, logs and final model (a pipeline re-running a changed run)
     overwrite: bool = False
-    # read by main() only: an embedder for `llave_kit.encoders.load_embedder`; a train
+    # read by `llave-kit train` only: an embedder for `llave_kit.encoders.load_embedder`; a train
     # jsonl/parquet, or a data set folder (manifest.json: all its tasks' train files); for a file,
     # the folder its image paths are relative to (default: its data set folder, else its folder)
     model: str | None = None
@@ -140,7 +142,7 @@ class TrainConfig:
     image_root: str | None = None
 
     @classmethod
-    def from_dict(cls, params: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, params: dict[str, Any]) -> TrainConfig:
         """Build from a plain dict (notebook parameters, a YAML file); unknown keys are errors."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - known)
@@ -158,6 +160,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._coerce_floats()
+        self._check_integers()
         self._check_ranges()
         if self.precision not in PRECISIONS:
             raise ValueError(
@@ -180,6 +183,18 @@ class TrainConfig:
                     setattr(self, name, float(value))
                 except ValueError:
                     raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+    def _check_integers(self) -> None:
+        # A YAML file or KEY=VALUE may hand over a string; say so here rather than fail on a
+        # comparison below or deep inside the loop.
+        optional = ("max_steps", "save_every", "eval_every", "gradcache_chunk_size")
+        for name in ("epochs", "batch_size", "grad_accum_steps", "seed", "num_workers",
+                     "log_every", "keep_last", *optional):
+            value = getattr(self, name)
+            if value is None and name in optional:
+                continue
+            if not isinstance(value, Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
 
     def _check_ranges(self) -> None:
         rules = [
@@ -264,14 +279,6 @@ def _global_mean(value: torch.Tensor) -> float:
         dist.all_reduce(value)  # SUM: gloo has no AVG
         value /= world_size()
     return value.item()
-
-
-def _all_ranks_true(flag: torch.Tensor) -> bool:
-    """Collective AND, so every rank takes the same branch (and no rank waits in a collective)."""
-    flag = flag.to(torch.int32).reshape(1)
-    if is_distributed():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def _barrier() -> None:
@@ -372,260 +379,6 @@ def micro_batches(dataset, config: TrainConfig, collate_fn: Callable, runtime: R
 
 
 # --------------------------------------------------------------------------------------------------
-# Forward and backward of one contrastive batch (plain or GradCache)
-
-Group = tuple[str, Sequence[str], Sequence[Any]]  # (role "query" | "target", texts, images)
-_ROLE_METHODS = {"query": "encode_queries", "target": "encode_targets"}
-
-
-class Encoder(nn.Module):
-    """forward(groups) -> the groups' embeddings concatenated, (sum of group sizes, D).
-
-    Queries go through `encode_queries` and targets through `encode_targets` when the model has them
-    (so training sees the instructions evaluation uses), else both through `encode`. Everything
-    that shares a graph goes through a single forward call, because DDP expects one per backward.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, groups: Sequence[Group]) -> torch.Tensor:
-        out = []
-        for role, texts, images in groups:
-            encode = getattr(self.model, _ROLE_METHODS[role], self.model.encode)
-            out.append(encode(list(texts), list(images)))
-        return torch.cat(out)
-
-
-def contrastive_groups(batch: dict) -> tuple[list[Group], int]:
-    """A collated batch -> [queries, targets (positives, then negatives)], number of queries."""
-    queries, positives = len(batch["query_texts"]), len(batch["pos_texts"])
-    if queries == 0 or positives != queries or len(batch["query_images"]) != queries:
-        raise ValueError(f"a batch needs one positive per query, got {queries} query texts, "
-                         f"{len(batch['query_images'])} query images, {positives} positives")
-    neg_texts, neg_images = batch.get("neg_texts", []), batch.get("neg_images", [])
-    targets = ("target", [*batch["pos_texts"], *neg_texts], [*batch["pos_images"], *neg_images])
-    return [("query", batch["query_texts"], batch["query_images"]), targets], queries
-
-
-def _loss_or_none(loss_fn, emb: torch.Tensor, n_query: int) -> torch.Tensor | None:
-    """The loss, or None when any rank's embeddings hold nan/inf (the loss would reject them).
-
-    The check is collective so that every rank skips the loss, and its collectives, together.
-    """
-    if not _all_ranks_true(torch.isfinite(emb).all()):
-        return None
-    return loss_fn(emb[:n_query], emb[n_query:])  # query (B, D) vs target (M, D)
-
-
-def _full_precision(emb: torch.Tensor) -> torch.Tensor:
-    # Autocast may hand back bf16/fp16 embeddings; the loss and its cached gradients stay >= fp32.
-    return emb.to(torch.promote_types(emb.dtype, torch.float32))
-
-
-def _sync(net: nn.Module, sync: bool):
-    """DDP all-reduces gradients in every backward unless told not to (accumulation, chunks)."""
-    return nullcontext() if sync or not isinstance(net, DistributedDataParallel) else net.no_sync()
-
-
-def contrastive_backward(net: nn.Module, loss_fn: Callable, batch: dict, *,
-                         chunk_size: int | None = None, loss_scale: Callable = lambda x: x,
-                         autocast: Callable = nullcontext, sync: bool = True) -> torch.Tensor:
-    """Embed a batch, compute the loss, backpropagate `loss_scale(loss)`; return the loss, detached.
-
-    `net(groups)` embeds (an `Encoder`, maybe DDP-wrapped). A nan/inf embedding returns a nan loss
-    without backward. With `chunk_size` the batch goes through `gradcache_backward`.
-    """
-    groups, n_query = contrastive_groups(batch)
-    if chunk_size is not None:
-        return gradcache_backward(net, loss_fn, groups, n_query, chunk_size, loss_scale,
-                                  autocast, sync)
-    with _sync(net, sync):
-        with autocast():
-            emb = _full_precision(net(groups))  # (B + M, D)
-        loss = _loss_or_none(loss_fn, emb, n_query)
-        if loss is None:
-            return torch.tensor(float("nan"), device=emb.device)
-        loss_scale(loss).backward()
-    return loss.detach()
-
-
-def _rng_devices(device: torch.device) -> list[int]:
-    """The CUDA devices whose RNG fork_rng must save: this process's own, none on CPU."""
-    if device.type != "cuda":
-        return []
-    return [device.index if device.index is not None else torch.cuda.current_device()]
-
-
-def _get_rng(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng(device: torch.device, state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def gradcache_backward(net, loss_fn, groups, n_query, chunk_size, loss_scale, autocast, sync):
-    """GradCache (Gao et al. 2021): the gradient of the whole batch's loss in chunk-sized memory.
-
-    1. Embed every chunk without a graph, recording the RNG state each chunk starts from.
-    2. Compute the loss on the (detached, requires_grad) embeddings and backpropagate it to them:
-       that gives d loss / d embedding for every row (the only step that sees the whole batch).
-    3. Re-run each chunk with a graph from its recorded RNG state (same dropout masks) and
-       backpropagate the cached gradient through the encoder: torch.autograd.backward(emb, grad).
-    By the chain rule the parameters' gradients equal a full-batch backward.
-    """
-    chunks = [[(role, texts[i:i + chunk_size], images[i:i + chunk_size])]
-              for role, texts, images in groups for i in range(0, len(texts), chunk_size)]
-    device = next(net.parameters()).device
-    states, pieces = [], []
-    with torch.no_grad():
-        for chunk in chunks:
-            states.append(_get_rng(device))
-            with autocast():
-                pieces.append(_full_precision(net(chunk)))
-    emb = torch.cat(pieces).requires_grad_()  # (B + M, D), a leaf: the loss's graph stops here
-    loss = _loss_or_none(loss_fn, emb, n_query)
-    if loss is None:
-        return torch.tensor(float("nan"), device=emb.device)
-    loss_scale(loss).backward()
-    grads = emb.grad.split([len(piece) for piece in pieces])
-    for i, (chunk, grad) in enumerate(zip(chunks, grads)):
-        # fork_rng puts the RNG back afterwards: the replay leaves it where step 1 left it.
-        with _sync(net, sync and i == len(chunks) - 1), torch.random.fork_rng(_rng_devices(device)):
-            _set_rng(device, states[i])
-            with autocast():
-                out = _full_precision(net(chunk))
-            torch.autograd.backward(out, grad)
-    return loss.detach()
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=1))
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place; the previous one is removed only after that."""
-    old = final.with_name(f".old-{final.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def capture_rng(device: torch.device) -> dict:
-    """This process's RNG states: python and numpy as JSON-able lists, torch as uint8 tensors."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    torch_state, cuda_state = _get_rng(device)
-    return {"python": [version, list(mt), gauss],
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "torch": torch_state, "cuda": cuda_state}
-
-
-def restore_rng(state: dict, device: torch.device) -> None:
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    _set_rng(device, (state["torch"], state["cuda"] if device.type == "cuda" else None))
-
-
-def _gather_rng(runtime: Runtime) -> list[dict]:
-    """Every rank's RNG states, in rank order (a collective under torchrun)."""
-    state = capture_rng(runtime.device)
-    if runtime.world_size == 1:
-        return [state]
-    states: list = [None] * runtime.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def checkpoint_dir(output_dir: Path, step: int) -> Path:
-    return Path(output_dir) / "checkpoints" / f"step_{step:08d}"
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder, or None."""
-    root = Path(output_dir) / "checkpoints"
-    steps = [p for p in root.glob("step_*")
-             if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.json").exists()]
-    return max(steps, key=lambda p: int(p.name[5:]), default=None)
-
-
-def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, info: dict,
-                    rng_states: list[dict], keep_last: int) -> Path:
-    """Write a checkpoint folder atomically (temp folder, then rename) and prune older ones."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    opt = optimizer.state_dict()
-    tensors = {f"optimizer.{pid}.{name}": value.contiguous()
-               for pid, state in opt["state"].items() for name, value in state.items()}
-    for r, rng_state in enumerate(rng_states):
-        tensors[f"rng.{r}.torch"] = rng_state["torch"]
-        if rng_state["cuda"] is not None:
-            tensors[f"rng.{r}.cuda"] = rng_state["cuda"]
-    save_file(tensors, str(tmp / "trainer_state.safetensors"))
-    _write_json(tmp / "trainer_state.json", {
-        "format": CHECKPOINT_FORMAT, **info, "optimizer_param_groups": opt["param_groups"],
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-        "rng": [{"python": s["python"], "numpy": s["numpy"]} for s in rng_states],
-    })
-    _replace_dir(tmp, path)
-    for old in sorted(path.parent.glob("step_*"), key=lambda p: p.name)[:-keep_last]:
-        shutil.rmtree(old)
-    return path
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, runtime: Runtime) -> dict:
-    """Restore model, optimizer, scheduler, scaler and this rank's RNG; return the JSON state."""
-    info = json.loads((path / "trainer_state.json").read_text())
-    if info.get("format") != CHECKPOINT_FORMAT or info["world_size"] != runtime.world_size:
-        raise ValueError(
-            f"{path}: format {info.get('format')!r}, world size {info.get('world_size')}; this run "
-            f"expects {CHECKPOINT_FORMAT!r} with world size {runtime.world_size}")
-    load_model(model, str(path / "model.safetensors"), device=str(runtime.device))
-    tensors = load_file(str(path / "trainer_state.safetensors"))
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        kind, owner, name = key.split(".", 2)
-        if kind == "optimizer":
-            state.setdefault(int(owner), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": info["optimizer_param_groups"]})
-    scheduler.load_state_dict(info["scheduler"])
-    if scaler is not None:
-        scaler.load_state_dict(info["scaler"])
-    r = runtime.rank
-    restore_rng({**info["rng"][r], "torch": tensors[f"rng.{r}.torch"],
-                 "cuda": tensors.get(f"rng.{r}.cuda")}, runtime.device)
-    return info
-
-
-def save_final_model(model: nn.Module, output_dir: Path) -> Path:
-    """output_dir/final: `model.save_pretrained` when the model has it, else model.safetensors."""
-    final, tmp = output_dir / "final", output_dir / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(tmp)
-    else:
-        save_model(model, str(tmp / "model.safetensors"))
-    _replace_dir(tmp, final)
-    return final
-
-
-# --------------------------------------------------------------------------------------------------
 # Metrics log
 
 
@@ -639,9 +392,7 @@ class JsonlLog:
         self.path, self.write = path, write
         self.records = [r for r in self._read() if r["step"] <= keep_until_step]
         if write:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-            os.replace(tmp, path)
+            write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def _read(self) -> list[dict]:
         if not self.path.exists():
@@ -696,6 +447,26 @@ def _check_precision(config: TrainConfig, device: torch.device) -> None:
         raise ValueError("precision='fp16' needs CUDA (a GradScaler); use 'bf16' or 'fp32' on CPU")
 
 
+def _build_run(config, model, dataset, loss_fn) -> _Run:
+    runtime = setup_runtime(config)
+    _check_precision(config, runtime.device)
+    model.to(runtime.device)
+    optimizer = build_optimizer(model, config)
+    per_epoch = batches_per_epoch(len(dataset), config.batch_size, runtime.world_size)
+    steps = total_steps(config, per_epoch)
+    net = Encoder(model)
+    if runtime.world_size > 1:  # DDP also broadcasts rank 0's weights, so all ranks start equal
+        net = DistributedDataParallel(
+            net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            find_unused_parameters=config.find_unused_parameters)
+    return _Run(
+        config, runtime, model, net,
+        loss_fn if loss_fn is not None else build_loss(config, gather=runtime.world_size > 1),
+        optimizer, build_scheduler(optimizer, config, steps),
+        torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
+        Path(config.output_dir), steps, per_epoch)
+
+
 def _prepare_output_dir(config: TrainConfig, runtime: Runtime, out: Path) -> None:
     has_run = (out / "metrics.jsonl").exists() or latest_checkpoint(out) is not None
     if has_run and not config.resume and not config.overwrite:
@@ -709,9 +480,8 @@ def _prepare_output_dir(config: TrainConfig, runtime: Runtime, out: Path) -> Non
             for name in ("checkpoints", "final"):
                 shutil.rmtree(out / name, ignore_errors=True)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        for stale in (out / "checkpoints").glob(".tmp-*"):  # left by a crash during a save
-            shutil.rmtree(stale)
-        _write_json(out / "config.json", config.to_dict())
+        remove_partial_saves(out)
+        write_text(out / "config.json", json.dumps(config.to_dict(), indent=1))
     _barrier()
 
 
@@ -729,23 +499,6 @@ def _restore(run: _Run) -> tuple[int, float, Path | None]:
             raise ValueError(f"cannot resume {checkpoint}: it was trained with "
                              f"{key}={saved[key]!r}, this config has {getattr(run.config, key)!r}")
     return info["step"], info["elapsed_s"], checkpoint
-
-
-def _optimizer_step(run: _Run) -> float:
-    """Unscale, clip, step, advance the schedule; return the gradient norm before clipping."""
-    if run.scaler is not None:
-        run.scaler.unscale_(run.optimizer)
-    params = [p for group in run.optimizer.param_groups for p in group["params"]]
-    max_norm = run.config.max_grad_norm or math.inf  # inf: only measure the norm
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if run.scaler is not None:
-        run.scaler.step(run.optimizer)  # skips the step when fp16 gradients overflowed
-        run.scaler.update()
-    else:
-        run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item()  # the same on every rank: DDP has averaged the gradients
 
 
 def _train_step(run: _Run, batches: Iterator[dict], step: int, checkpoint: Path | None) -> dict:
@@ -767,12 +520,29 @@ def _train_step(run: _Run, batches: Iterator[dict], step: int, checkpoint: Path 
             "grad_norm": grad_norm, "examples_per_s": examples / (time.perf_counter() - start)}
 
 
+def _optimizer_step(run: _Run) -> float:
+    """Unscale, clip, step, advance the schedule; return the gradient norm before clipping."""
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    max_norm = run.config.max_grad_norm or math.inf  # inf: only measure the norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)  # skips the step when fp16 gradients overflowed
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()  # the same on every rank: DDP has averaged the gradients
+
+
 def _evaluate(run: _Run, eval_fn: Callable, step: int) -> dict:
     """eval_fn(model) on the main process, in eval mode, without touching the training RNG."""
     metrics = {}
     if run.runtime.is_main:
         run.model.eval()
-        with torch.no_grad(), torch.random.fork_rng(_rng_devices(run.runtime.device)):
+        with torch.no_grad(), torch.random.fork_rng(rng_devices(run.runtime.device)):
             metrics = dict(eval_fn(run.model))
         run.model.train()
     _barrier()
@@ -780,7 +550,7 @@ def _evaluate(run: _Run, eval_fn: Callable, step: int) -> dict:
 
 
 def _save(run: _Run, step: int, elapsed: float) -> Path:
-    rng_states = _gather_rng(run.runtime)
+    rng_states = gather_rng(run.runtime)
     path = checkpoint_dir(run.output_dir, step)
     if run.runtime.is_main:
         micro = step * run.config.grad_accum_steps
@@ -792,26 +562,6 @@ def _save(run: _Run, step: int, elapsed: float) -> Path:
                         rng_states, run.config.keep_last)
     _barrier()
     return path
-
-
-def _build_run(config, model, dataset, loss_fn) -> _Run:
-    runtime = setup_runtime(config)
-    _check_precision(config, runtime.device)
-    model.to(runtime.device)
-    optimizer = build_optimizer(model, config)
-    per_epoch = batches_per_epoch(len(dataset), config.batch_size, runtime.world_size)
-    steps = total_steps(config, per_epoch)
-    net = Encoder(model)
-    if runtime.world_size > 1:  # DDP also broadcasts rank 0's weights, so all ranks start equal
-        net = DistributedDataParallel(
-            net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-            find_unused_parameters=config.find_unused_parameters)
-    return _Run(
-        config, runtime, model, net,
-        loss_fn if loss_fn is not None else build_loss(config, gather=runtime.world_size > 1),
-        optimizer, build_scheduler(optimizer, config, steps),
-        torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
-        Path(config.output_dir), steps, per_epoch)
 
 
 def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable | None = None,
@@ -844,7 +594,8 @@ def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable |
         last = step == run.total_steps
         if step % config.log_every == 0 or last:
             metrics.append(record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            # refresh=False: shown at the bar's next redraw, so a log gets no extra line per step
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
         if eval_fn is not None and (last or (config.eval_every and step % config.eval_every == 0)):
             evals.append(_evaluate(run, eval_fn, step))
         if last or (config.save_every and step % config.save_every == 0):
@@ -856,49 +607,8 @@ def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable |
     return TrainResult(metrics.records, evals.records, checkpoint, final, run.output_dir)
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line / torchrun entry point
-
-
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """A YAML mapping of TrainConfig fields, then `key=value` overrides (values parsed as YAML)."""
-    import yaml
-
-    with open(path) as handle:
-        params = yaml.safe_load(handle) or {}
-    if not isinstance(params, dict):
-        raise ValueError(
-            f"{path}: expected a mapping of TrainConfig fields, got {type(params).__name__}")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        params[key.strip()] = yaml.safe_load(value)
-    return TrainConfig.from_dict(params)
-
-
-def main(argv: Sequence[str] | None = None) -> TrainResult:
-    parser = argparse.ArgumentParser(description="Train an embedder (torchrun-aware).")
-    parser.add_argument("--config", required=True, help="YAML file of TrainConfig fields")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. max_steps=100 alpha=0")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    if config.model is None or config.data is None:
-        raise ValueError(f"{args.config}: set `model` (an embedder name or folder) and `data` "
-                         "(a train jsonl) to train from the command line")
-    from llave_kit.data import TrainPairDataset, load_manifest
-    from llave_kit.encoders import load_embedder
-
-    if Path(config.data).is_dir():
-        dataset = load_manifest(config.data).train_dataset()  # images under the manifest's root
-    else:
-        dataset = TrainPairDataset(config.data, config.image_root)
-    try:
-        return train(config, load_embedder(config.model), dataset)
-    finally:
-        if is_distributed():
-            dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    # torchrun launches a module, so `-m llave_kit.train` stays an entry point: the `train` command.
+    from llave_kit.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

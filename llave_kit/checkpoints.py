@@ -1,0 +1,149 @@
+"""Training checkpoints: everything an exact resume needs, in one folder per step.
+
+    output_dir/checkpoints/step_00000100/
+        model.safetensors          model weights (safetensors.torch.save_model)
+        trainer_state.safetensors  tensors: optimizer moments ("optimizer.<param>.<name>"), torch
+                                   CPU/CUDA RNG states per rank ("rng.<rank>.torch|cuda")
+        trainer_state.json         step, data position (epoch, batch_in_epoch), world size, elapsed,
+                                   config, optimizer param groups, scheduler and grad-scaler state,
+                                   python and numpy RNG states per rank
+    output_dir/final/              the trained model (`model.save_pretrained`, else
+                                   model.safetensors)
+
+Every folder is written under a staging name and renamed into place
+(`llave_kit.files.staged_directory`), so `checkpoints/` only ever holds complete ones;
+`save_checkpoint` keeps the newest `keep_last`. Only the main process writes; every rank reads its
+own RNG state back.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from llave_kit.files import staged_directory, write_text
+from llave_kit.gradcache import get_rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from llave_kit.train import Runtime
+
+CHECKPOINT_FORMAT = "llave-kit-checkpoint/1"
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    root = Path(output_dir) / "checkpoints"
+    steps = [p for p in root.glob("step_*")
+             if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.json").exists()]
+    return max(steps, key=lambda p: int(p.name[5:]), default=None)
+
+
+def remove_partial_saves(output_dir: str | Path) -> None:
+    """Delete the staging folders that a process killed during a save left behind."""
+    output_dir = Path(output_dir)
+    for stale in [*(output_dir / "checkpoints").glob(".step_*"), *output_dir.glob(".final.*")]:
+        shutil.rmtree(stale)
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, info: dict,
+                    rng_states: list[dict], keep_last: int) -> Path:
+    """Write a checkpoint folder (staged, then renamed) and prune all but the newest keep_last."""
+    opt = optimizer.state_dict()
+    tensors = {f"optimizer.{pid}.{name}": value.contiguous()
+               for pid, state in opt["state"].items() for name, value in state.items()}
+    for r, rng_state in enumerate(rng_states):
+        tensors[f"rng.{r}.torch"] = rng_state["torch"]
+        if rng_state["cuda"] is not None:
+            tensors[f"rng.{r}.cuda"] = rng_state["cuda"]
+    state = {
+        "format": CHECKPOINT_FORMAT, **info, "optimizer_param_groups": opt["param_groups"],
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+        "rng": [{"python": s["python"], "numpy": s["numpy"]} for s in rng_states],
+    }
+    with staged_directory(path, overwrite=True) as stage:
+        save_model(model, str(stage / "model.safetensors"))
+        save_file(tensors, str(stage / "trainer_state.safetensors"))
+        write_text(stage / "trainer_state.json", json.dumps(state, indent=1))
+    for old in sorted(path.parent.glob("step_*"), key=lambda p: p.name)[:-keep_last]:
+        shutil.rmtree(old)
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, runtime: Runtime) -> dict:
+    """Restore model, optimizer, scheduler, scaler and this rank's RNG; return the JSON state."""
+    info = json.loads((path / "trainer_state.json").read_text())
+    if info.get("format") != CHECKPOINT_FORMAT or info["world_size"] != runtime.world_size:
+        raise ValueError(
+            f"{path}: format {info.get('format')!r}, world size {info.get('world_size')}; this run "
+            f"expects {CHECKPOINT_FORMAT!r} with world size {runtime.world_size}")
+    load_model(model, str(path / "model.safetensors"), device=str(runtime.device))
+    tensors = load_file(str(path / "trainer_state.safetensors"))
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        kind, owner, name = key.split(".", 2)
+        if kind == "optimizer":
+            state.setdefault(int(owner), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": info["optimizer_param_groups"]})
+    scheduler.load_state_dict(info["scheduler"])
+    if scaler is not None:
+        scaler.load_state_dict(info["scaler"])
+    r = runtime.rank
+    restore_rng({**info["rng"][r], "torch": tensors[f"rng.{r}.torch"],
+                 "cuda": tensors.get(f"rng.{r}.cuda")}, runtime.device)
+    return info
+
+
+def save_final_model(model: nn.Module, output_dir: Path) -> Path:
+    """output_dir/final: `model.save_pretrained` when the model has it, else model.safetensors."""
+    final = output_dir / "final"
+    with staged_directory(final, overwrite=True) as stage:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(stage)
+        else:
+            save_model(model, str(stage / "model.safetensors"))
+    return final
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state
+
+
+def capture_rng(device: torch.device) -> dict:
+    """This process's RNG states: python and numpy as JSON-able lists, torch as uint8 tensors."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    torch_state, cuda_state = get_rng_state(device)
+    return {"python": [version, list(mt), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch_state, "cuda": cuda_state}
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    set_rng_state(device, (state["torch"], state["cuda"] if device.type == "cuda" else None))
+
+
+def gather_rng(runtime: Runtime) -> list[dict]:
+    """Every rank's RNG states, in rank order (a collective under torchrun)."""
+    state = capture_rng(runtime.device)
+    if runtime.world_size == 1:
+        return [state]
+    states: list = [None] * runtime.world_size
+    dist.all_gather_object(states, state)
+    return states
