@@ -48,8 +48,6 @@ def time_steps(info, budget_bytes: int, batches, warmup: int, seed: int) -> dict
     model = TinyDualEmbedder.build(info.vocabulary(), seed=seed).train()
     loss_fn = make_loss("hardness_weighted", temperature=0.05, alpha=9)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    encode_queries = getattr(model, "encode_queries", model.encode)
-    encode_targets = getattr(model, "encode_targets", model.encode)
     data_s = model_s = 0.0
     hits, misses = cache.hits, cache.misses
     for step, indices in enumerate(batches):
@@ -58,9 +56,9 @@ def time_steps(info, budget_bytes: int, batches, warmup: int, seed: int) -> dict
         start = time.perf_counter()
         batch = collate_train_pairs([dataset[int(i)] for i in indices])
         loaded = time.perf_counter()
-        queries = encode_queries(batch["query_texts"], batch["query_images"])
-        targets = encode_targets(batch["pos_texts"] + batch["neg_texts"],
-                                 batch["pos_images"] + batch["neg_images"])
+        queries = model.encode_queries(batch["query_texts"], batch["query_images"])
+        targets = model.encode_targets(batch["pos_texts"] + batch["neg_texts"],
+                                       batch["pos_images"] + batch["neg_images"])
         loss = loss_fn(queries, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

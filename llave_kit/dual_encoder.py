@@ -1,17 +1,22 @@
 """A small two-tower embedder for CPU studies that need thousands of training steps in minutes.
 
-    model = TinyDualEmbedder.build(vocabulary)       # or load_embedder("tiny-dual")
-    model.encode(["<|image_1|> what is in the top left", "a small red circle"], [image, None])
+    >>> from PIL import Image
+    >>> model = TinyDualEmbedder.build(["what is in the top left", "a small red circle"])
+    >>> image = Image.new("RGB", (84, 84), "red")
+    >>> model.encode(["<|image_1|> what is in the top left", "a small red circle"], [image, None]).shape
+    torch.Size([2, 128])
+
+`load_embedder("tiny-dual")` builds it with the scenes vocabulary.
 
 The tiny LMM defaults (`encoders.default_model`) run the real LLaVE path, but learn the scenes data's
 one-attribute distinctions slowly on a CPU (hard-list P@1 about 0.13 after 500 steps, ~3 minutes).
 Studies that compare training recipes need models that learn within seconds, so this model has the
-same interface (`encode(texts, images)` -> L2-normalised (N, D), `save_pretrained`,
-`from_pretrained`) with cheap towers:
+same interface (`encoders.Embedder`, plus `from_pretrained`) with cheap towers:
 
-    image: 8x8 patches -> a 3x3 conv over them (7x7 x 64, flattened so position survives) -> linear
+    image: 14x14 patches (6x6 of them) -> a 3x3 conv over neighbouring patches -> the whole grid,
+           flattened so position survives -> linear; plus a text-directed attention over the patches
     text:  word embeddings -> bidirectional GRU (word order matters: "red circle, blue square")
-    both:  the two features (a missing modality contributes zeros) -> MLP -> L2-normalise
+    both:  the features (a missing modality contributes zeros) -> MLP -> L2-normalise
 
 Any input mixes text and image as `LmmEmbedder` does; the `<|image_1|>` placeholder is dropped.
 """
@@ -20,8 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from llave_kit.data import staged_directory, text_words
+from llave_kit.data import text_words
+from llave_kit.files import staged_directory
 
 IMAGE_SIZE = 84
 PATCH = 14  # 84 / 14 = 6 patches a side: 2 x 2 patches per cell of the scenes' 3 x 3 grid
@@ -65,7 +71,7 @@ class TinyDualEmbedder(nn.Module):
 
     @classmethod
     def build(cls, vocabulary: Iterable[str], seed: int = 0, device=None,
-              **sizes) -> "TinyDualEmbedder":
+              **sizes) -> TinyDualEmbedder:
         words = sorted({word for text in vocabulary for word in words_of(text)})
         with torch.random.fork_rng(devices=[]):  # seeded weights, global RNG untouched
             torch.manual_seed(seed)
@@ -125,6 +131,15 @@ class TinyDualEmbedder(nn.Module):
         fused = torch.cat([self._image_features(images, text), text], dim=1)  # (N, 5 width)
         return F.normalize(self.fuse(fused), dim=-1)
 
+    # Queries and targets share one encoder and take no instructions: scenes texts carry their own.
+    def encode_queries(self, texts: Sequence[str],
+                       images: Sequence[Image.Image | None]) -> torch.Tensor:
+        return self.encode(texts, images)
+
+    def encode_targets(self, texts: Sequence[str],
+                       images: Sequence[Image.Image | None]) -> torch.Tensor:
+        return self.encode(texts, images)
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         config = {"words": self.words[2:], "embedding_dim": self.embedding_dim, "width": self.width}
         with staged_directory(directory, overwrite=True) as staging:  # all or nothing on disk
@@ -133,7 +148,7 @@ class TinyDualEmbedder(nn.Module):
                       str(staging / WEIGHTS_FILE))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device=None, **_) -> "TinyDualEmbedder":
+    def from_pretrained(cls, directory: str | os.PathLike, device=None, **_) -> TinyDualEmbedder:
         directory = Path(directory)
         if not (directory / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}: not a saved TinyDualEmbedder")

@@ -13,10 +13,17 @@ Real checkpoints load with `LmmEmbedder.from_pretrained(hub_id_or_dir)` (on a GP
 vocabulary)`, is the same class over a ~0.7M-parameter Qwen2-VL built in code with an offline
 word-level tokenizer and 84x84 images (9 image tokens), small enough to train in minutes on a CPU.
 
-Example:
-    from llave_kit.encoders import load_embedder
-    embedder = load_embedder("tiny-qwen2-vl", vocabulary=["a red cube", "a blue sphere"])
-    emb = embedder.encode(["<|image_1|> a red cube", "a blue sphere"], [image, None])  # (2, 128)
+Every embedding model of the kit (this class and `dual_encoder.TinyDualEmbedder`) provides the
+`Embedder` protocol, and `load_embedder` picks one by name or folder.
+
+Example, on a tiny model with random weights built in code:
+
+    >>> from PIL import Image
+    >>> from llave_kit.encoders import load_embedder
+    >>> embedder = load_embedder("tiny-qwen2-vl", vocabulary=["a red cube", "a blue sphere"])
+    >>> image = Image.new("RGB", (84, 84), "red")
+    >>> embedder.encode(["<|image_1|> a red cube", "a blue sphere"], [image, None]).shape
+    torch.Size([2, 128])
 
 Train-step speed of the defaults: `python benchmarks/bench_encoder.py`.
 
@@ -30,8 +37,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -219,6 +227,44 @@ def missing_checkpoint(name_or_path: str | os.PathLike) -> str | None:
     return f"no checkpoint folder at {name}"
 
 
+@runtime_checkable
+class Embedder(Protocol):
+    """What the kit asks of an embedding model; `LmmEmbedder` and `TinyDualEmbedder` provide it.
+
+    `encode(texts, images)` -> (N, D) unit vectors: texts[i] may hold `<|image_1|>`, "" is
+    image-only, images[i] is a PIL image or None. Training and evaluation embed each side of a pair
+    through its own method, `encode_queries` or `encode_targets`, so that a model can give each side
+    an instruction; `save_pretrained(directory)` writes a folder that `load_embedder` reads back.
+    Embedders are also `torch.nn.Module`s, and the kit relies on it (members declared last).
+    """
+
+    embedding_dim: int  # D
+
+    def encode(self, texts: Sequence[str], images: Sequence[Image.Image | None]) -> torch.Tensor: ...
+
+    def encode_queries(self, texts: Sequence[str],
+                       images: Sequence[Image.Image | None]) -> torch.Tensor: ...
+
+    def encode_targets(self, texts: Sequence[str],
+                       images: Sequence[Image.Image | None]) -> torch.Tensor: ...
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None: ...
+
+    # torch.nn.Module: training needs parameters, device moves and mode switches, evaluation the
+    # eval mode, and the embedding cache and checkpoints the state dict.
+    training: bool
+
+    def train(self, mode: bool = True) -> nn.Module: ...
+
+    def eval(self) -> nn.Module: ...
+
+    def to(self, *args: Any, **kwargs: Any) -> nn.Module: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+
 class LmmEmbedder(nn.Module):
     """A vision-language model as an embedder: last-token, final-layer, L2-normalised.
 
@@ -297,10 +343,12 @@ class LmmEmbedder(nn.Module):
         """Embed a batch; texts[i] may hold `<|image_1|>`; "" is image-only. -> (N, D) float32."""
         return self(self.tokenize(texts, images, instruction))
 
-    def encode_queries(self, texts, images) -> torch.Tensor:
+    def encode_queries(self, texts: Sequence[str],
+                       images: Sequence[Image.Image | None]) -> torch.Tensor:
         return self.encode(texts, images, instruction=self.query_instruction)
 
-    def encode_targets(self, texts, images) -> torch.Tensor:
+    def encode_targets(self, texts: Sequence[str],
+                       images: Sequence[Image.Image | None]) -> torch.Tensor:
         return self.encode(texts, images, instruction=self.target_instruction)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -327,7 +375,7 @@ class LmmEmbedder(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None,
-                        freeze_vision: bool = True) -> "LmmEmbedder":
+                        freeze_vision: bool = True) -> LmmEmbedder:
         """Load a Qwen2-VL / LLaVA-OneVision checkpoint (hub id or local folder) as an embedder.
 
         dtype None keeps transformers' default; device None leaves the model on the CPU.
@@ -492,8 +540,9 @@ def default_model(name: str = "tiny-qwen2-vl", vocabulary: Iterable[str] | None 
     pinpoints [[56, 56]] (base view + one crop, ~36 image tokens); ~0.61M parameters.
     `hidden_size` scales both (tests use 32). The vision tower trains by default: LLaVE freezes a
     *pre-trained* tower, and a randomly initialised one that is frozen can learn nothing
-    (`freeze_vision=True` follows LLaVE once a checkpoint's tower is trained). `vocabulary`: words or sentences the tokenizer should
-    know (see `build_word_tokenizer`); None takes `llave_kit.data.scenes_vocabulary()`.
+    (`freeze_vision=True` follows LLaVE once a checkpoint's tower is trained). `vocabulary`: words
+    or sentences the tokenizer should know (see `build_word_tokenizer`); None takes
+    `llave_kit.scenes.scenes_vocabulary()`.
     """
     builders = {"tiny-qwen2-vl": _tiny_qwen2_vl, "tiny-llava-onevision": _tiny_llava_onevision}
     if name not in builders:
@@ -510,12 +559,12 @@ def default_model(name: str = "tiny-qwen2-vl", vocabulary: Iterable[str] | None 
 
 
 def _scenes_vocabulary() -> list[str]:
-    from llave_kit.data import scenes_vocabulary
+    from llave_kit.scenes import scenes_vocabulary
 
     return scenes_vocabulary()
 
 
-def load_embedder(model: str, vocabulary: Iterable[str] | None = None, **kwargs) -> LmmEmbedder:
+def load_embedder(model: str, vocabulary: Iterable[str] | None = None, **kwargs) -> Embedder:
     """A default name (see MODEL_NAMES) -> `default_model`, "tiny-dual" -> `TinyDualEmbedder`;
     a saved model folder or hub id -> the matching `from_pretrained`.
 

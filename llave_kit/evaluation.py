@@ -17,14 +17,39 @@ Clustering. k-means on L2-normalised embeddings, scored against labels by NMI an
 
 Embedding. `embed_in_batches` runs any `encode_fn(texts, images) -> (n, D)` over a data set in
 batches with a tqdm bar and, given `cache_dir`, caches the result in an .npz keyed by the caller's
-model key and a fingerprint of the data, written atomically. `embed_eval_dataset` embeds an MMEB
-eval set (identical candidates are encoded once), `evaluate_eval_set` scores one eval file.
+model key and a fingerprint of the data, written atomically.
 
-Example:
-    >>> from llave_kit.evaluation import evaluate_eval_set
-    >>> evaluate_eval_set(model, "scenes/eval/cls_object_hard.jsonl", image_root="scenes",
-    ...                   cache_dir=".cache")
-    {'p@1': 0.93, 'recall@5': 1.0, 'mrr': 0.96, ..., 'positive': 0.95, 'hard': 0.79, ...}
+MMEB eval sets, in one recipe that every table of the kit goes through: `embed_eval_dataset` embeds
+an eval set (queries with the embedder's `encode_queries`, candidates with `encode_targets`,
+identical candidates once), `score_candidate_lists` scores the embedded lists per query (ranks and
+Table-1 similarities, a `ListScores`), `score_eval_set` does both, and `evaluate_eval_set` returns
+the means for one eval file or data set.
+
+Example, on hand-made embeddings (2 queries, lists of 3 candidates, candidate 0 the positive):
+
+    >>> import numpy as np
+    >>> from llave_kit.evaluation import evaluate_eval_set, score_candidate_lists
+    >>> queries = np.array([[1.0, 0.0], [0.0, 1.0]])                             # (Q, D)
+    >>> candidates = np.array([[[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]],             # (Q, C, D)
+    ...                        [[0.6, 0.8], [0.0, 1.0], [1.0, 0.0]]])
+    >>> scores = score_candidate_lists(queries, candidates, k=1)
+    >>> scores.ranks                    # query 1's wrong candidate [0, 1] beats its positive
+    array([1, 2])
+    >>> metrics = scores.metrics(ks=(1,))       # means over queries
+    >>> metrics["p@1"], metrics["mrr"], round(metrics["positive"], 3), round(metrics["hard"], 3)
+    (0.5, 0.75, 0.9, 0.8)
+
+and on an eval set in memory (the items `data.EvalDataset` yields; a path to an MMEB eval file
+works the same), embedded by an untrained tiny model:
+
+    >>> from llave_kit.dual_encoder import TinyDualEmbedder
+    >>> embedder = TinyDualEmbedder.build(["a red circle", "a blue square"])
+    >>> pairs = [("a red circle", "a blue square"), ("a blue square", "a red circle")]
+    >>> items = [{"query_text": text, "query_image": None, "candidate_texts": [text, other],
+    ...           "candidate_images": [None, None]} for text, other in pairs]
+    >>> result = evaluate_eval_set(embedder, items, k=1, progress=False)
+    >>> result["p@1"], result["queries"], result["candidates"]
+    (1.0, 2, 2)
 """
 from __future__ import annotations
 
@@ -32,9 +57,10 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,10 +69,14 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
 from llave_kit.analysis import (
-    as_float_array, l2_normalize, similarity_chunks, similarity_stats, to_numpy,
+    SimilarityStats, as_float_array, l2_normalize, similarity_chunks, similarity_stats, to_numpy,
 )
-from llave_kit.data import EvalDataset, atomic_path
+from llave_kit.data import EvalDataset
+from llave_kit.files import atomic_path
 from llave_kit.progress import progress_bar
+
+if TYPE_CHECKING:  # annotations only: importing encoders loads transformers
+    from llave_kit.encoders import Embedder
 
 EncodeFn = Callable[[list, list], "torch.Tensor | np.ndarray"]
 
@@ -66,6 +96,26 @@ def positive_ranks(query_emb, cand_emb, positive_index=None, chunk_size: int = 2
         positive = sims[np.arange(len(sims)), positives][:, None]  # (n, 1)
         ranks.append((sims >= positive).sum(axis=1))
     return np.concatenate(ranks).astype(np.int64)
+
+
+def hardest_negatives(query_emb, cand_emb, positive_index=None,
+                      chunk_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's most similar wrong candidate: its column (Q,) and its margin (Q,),
+    s_wrong - s_positive. A margin >= 0 means the query misses rank 1 (tie rule: module doc).
+
+    cand_emb and positive_index as in `positive_ranks`; every query needs a wrong candidate.
+    """
+    columns, margins = [], []
+    for _, sims, positives in similarity_chunks(query_emb, cand_emb, positive_index, chunk_size):
+        if sims.shape[1] < 2:
+            raise ValueError("hardest_negatives needs at least one wrong candidate per query")
+        rows = np.arange(len(sims))
+        wrong = sims.copy()
+        wrong[rows, positives] = -np.inf
+        best = wrong.argmax(axis=1)  # (n,) the first of equally similar wrong candidates
+        columns.append(best)
+        margins.append(sims[rows, best] - sims[rows, positives])
+    return np.concatenate(columns), np.concatenate(margins)
 
 
 def ranking_metrics(ranks, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
@@ -90,9 +140,13 @@ def candidate_list_metrics(
     query_emb, cand_emb, positive_index=None, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 256
 ) -> dict[str, float]:
     """`ranking_metrics` over MMEB candidate lists: query_emb (Q, D), cand_emb (Q, C, D)."""
+    _check_lists(cand_emb)
+    return ranking_metrics(positive_ranks(query_emb, cand_emb, positive_index, chunk_size), ks)
+
+
+def _check_lists(cand_emb) -> None:
     if np.ndim(cand_emb) != 3:
         raise ValueError(f"cand_emb must be candidate lists (Q, C, D), got {np.shape(cand_emb)}")
-    return ranking_metrics(positive_ranks(query_emb, cand_emb, positive_index, chunk_size), ks)
 
 
 def gallery_metrics(
@@ -364,18 +418,17 @@ def _eval_mode(module: torch.nn.Module):
 
 
 def embed_eval_dataset(
-    embedder, eval_dataset, batch_size: int = 32, cache_dir=None, model_key: str | None = None,
-    progress: bool = True,
+    embedder: Embedder, eval_dataset, batch_size: int = 32, cache_dir=None,
+    model_key: str | None = None, progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Query embeddings (Q, D) and candidate embeddings (Q, C, D), float32, of an MMEB eval set.
 
     eval_dataset: `data.EvalDataset` or any sequence of its items (query_text, query_image,
     candidate_texts, candidate_images; candidate 0 is the positive). Candidate lists share many
     items, so identical (text, image) candidates are encoded once and indexed back.
-    embedder: an `nn.Module` with `encode(texts, images)` (e.g. `LmmEmbedder`), run in eval mode.
-    Queries go through its `encode_queries` and candidates through `encode_targets` when it has
-    them (`LmmEmbedder` adds its instructions there, as training does), else through `encode`.
-    cache_dir/model_key: see `embed_in_batches`; model_key defaults to
+    The embedder runs in eval mode; queries go through its `encode_queries` and candidates through
+    `encode_targets`, the sides training embeds them with (`LmmEmbedder` adds its instructions
+    there). cache_dir/model_key: see `embed_in_batches`; model_key defaults to
     `model_fingerprint(embedder)`.
     """
     query_texts, query_images, cand_texts, cand_images = _eval_items(eval_dataset)
@@ -387,37 +440,73 @@ def embed_eval_dataset(
         model_key = model_fingerprint(embedder)
     options = dict(batch_size=batch_size, cache_dir=cache_dir, cache_key=model_key,
                    progress=progress)
-    encode_queries = getattr(embedder, "encode_queries", embedder.encode)
-    encode_targets = getattr(embedder, "encode_targets", embedder.encode)
     with _eval_mode(embedder):
-        queries = embed_in_batches(encode_queries, query_texts, query_images,
+        queries = embed_in_batches(embedder.encode_queries, query_texts, query_images,
                                    desc="queries", **options)
-        unique = embed_in_batches(encode_targets, unique_texts, unique_images,
+        unique = embed_in_batches(embedder.encode_targets, unique_texts, unique_images,
                                   desc="candidates", **options)
     return queries, unique[index].reshape(n_queries, n_candidates, -1)
 
 
+@dataclass(frozen=True)
+class ListScores:
+    """Per-query results on candidate lists (candidate 0 the positive), from which the kit's
+    tables, similarity pools and per-query samples are all read.
+
+    ranks (Q,): the positive's rank in its list (tie rule: module doc). stats: the Table-1
+    similarities (`analysis.similarity_stats`), None when the lists hold the positive alone.
+    """
+
+    ranks: np.ndarray
+    stats: SimilarityStats | None
+    n_candidates: int
+
+    def metrics(self, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float | int]:
+        """`ranking_metrics` (p@1, mrr, recall@k, ndcg@k), then `stats.as_dict()` (positive, hard,
+        easy, gap, k, queries) when the lists have wrong candidates."""
+        metrics = ranking_metrics(self.ranks, ks)
+        if self.stats is not None:
+            metrics.update(self.stats.as_dict())
+        return metrics
+
+
+def score_candidate_lists(query_emb, cand_emb, k: int = 5, chunk_size: int = 256) -> ListScores:
+    """Ranks and Table-1 similarities of embedded candidate lists: query_emb (Q, D),
+    cand_emb (Q, C, D), candidate 0 the positive. k (top-k hard, bottom-k easy negatives) is
+    lowered to C - 1 for short lists."""
+    _check_lists(cand_emb)
+    n_candidates = np.shape(cand_emb)[1]
+    ranks = positive_ranks(query_emb, cand_emb, chunk_size=chunk_size)
+    stats = None
+    if n_candidates > 1:  # Table-1 statistics need at least one wrong candidate
+        stats = similarity_stats(query_emb, cand_emb, k=min(k, n_candidates - 1),
+                                 chunk_size=chunk_size)
+    return ListScores(ranks, stats, n_candidates)
+
+
+def score_eval_set(
+    embedder: Embedder, eval_dataset, *, k: int = 5, batch_size: int = 32, cache_dir=None,
+    model_key: str | None = None, chunk_size: int = 256, progress: bool = True,
+) -> ListScores:
+    """`embed_eval_dataset`, then `score_candidate_lists`."""
+    queries, candidates = embed_eval_dataset(embedder, eval_dataset, batch_size, cache_dir,
+                                             model_key, progress)
+    return score_candidate_lists(queries, candidates, k, chunk_size)
+
+
 def evaluate_eval_set(
-    embedder, eval_set, image_root=None, *, ks: Sequence[int] = (1, 5, 10), k: int = 5,
+    embedder: Embedder, eval_set, image_root=None, *, ks: Sequence[int] = (1, 5, 10), k: int = 5,
     batch_size: int = 32, cache_dir=None, chunk_size: int = 256, progress: bool = True,
 ) -> dict[str, float | int]:
     """Retrieval metrics and Table-1 similarity means for one MMEB eval file or data set.
 
     eval_set: path of an MMEB eval .jsonl/.parquet, read with `data.EvalDataset(eval_set,
     image_root)` (image_root None: its default), or an `EvalDataset`-like sequence of items.
-    Returns `candidate_list_metrics` (p@1, recall@k, mrr, ndcg@k) plus
-    `similarity_stats(...).as_dict()` (positive, hard, easy, gap, k -- lowered to C - 1 for short
-    lists) and the numbers of queries and candidates.
+    Returns `ListScores.metrics` (p@1, recall@k, mrr, ndcg@k; positive, hard, easy, gap, k --
+    lowered to C - 1 for short lists) and the numbers of queries and candidates.
     """
     if isinstance(eval_set, (str, os.PathLike)):
         eval_set = EvalDataset(eval_set, image_root)
-    queries, candidates = embed_eval_dataset(embedder, eval_set, batch_size, cache_dir,
-                                             progress=progress)
-    result = candidate_list_metrics(queries, candidates, ks=ks, chunk_size=chunk_size)
-    n_candidates = candidates.shape[1]
-    if n_candidates > 1:
-        stats = similarity_stats(queries, candidates, k=min(k, n_candidates - 1),
-                                 chunk_size=chunk_size)
-        result.update(stats.as_dict())
-    result.update(queries=len(queries), candidates=n_candidates)
-    return result
+    scores = score_eval_set(embedder, eval_set, k=k, batch_size=batch_size, cache_dir=cache_dir,
+                            chunk_size=chunk_size, progress=progress)
+    return {**scores.metrics(ks), "queries": len(scores.ranks), "candidates": scores.n_candidates}

@@ -25,24 +25,23 @@ import json
 import shutil
 import time
 import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import yaml
 
-from llave_kit.analysis import similarity_stats
-from llave_kit.data import (
-    DatasetInfo, load_image, load_manifest, make_digits_dataset, staged_directory, write_text,
-)
-from llave_kit.encoders import CPU_MODELS, LmmEmbedder, load_embedder
+from llave_kit.data import DatasetInfo, load_image, load_manifest
+from llave_kit.digits import make_digits_dataset
+from llave_kit.encoders import CPU_MODELS, Embedder, load_embedder
 from llave_kit.evaluation import (
-    candidate_list_metrics, embed_eval_dataset, embed_in_batches, model_fingerprint,
-    positive_ranks,
+    ListScores, embed_eval_dataset, embed_in_batches, hardest_negatives, model_fingerprint,
+    score_eval_set,
 )
+from llave_kit.files import staged_directory, write_text
 from llave_kit.scenes import make_scenes_dataset
 from llave_kit.statistics import (
     Interval, Statistic, auroc_of, bootstrap_ci, compound_verdict, difference, mean_of,
@@ -52,6 +51,7 @@ from llave_kit.train import TrainConfig, TrainResult, train
 
 BUILT_IN_DATA = ("scenes", "digits")
 TRAIN_FIELDS = frozenset(TrainConfig.__dataclass_fields__)
+_EMBEDDING = {"batch_size": 128, "progress": False}  # how studies embed: large batches, no bars
 
 
 def load_data(data: str, data_dir: str | Path | None = None, *, n_train: int | None = None,
@@ -81,16 +81,16 @@ def _required(data_dir, data: str) -> str | Path:
     return data_dir
 
 
-def load_model(model: str, data: DatasetInfo | None = None, **kwargs) -> LmmEmbedder:
+def load_model(model: str, data: DatasetInfo | None = None, **kwargs) -> Embedder:
     """A default CPU model (tokenizer built from the data's vocabulary), a checkpoint or a hub id."""
     vocabulary = data.vocabulary() if data is not None and model in CPU_MODELS else None
     return load_embedder(model, vocabulary=vocabulary, **kwargs)
 
 
 def train_embedder(
-    model: str | LmmEmbedder, data: DatasetInfo, output_dir: str | Path, *,
+    model: str | Embedder, data: DatasetInfo, output_dir: str | Path, *,
     tasks: Sequence[str] | None = None, **train_parameters,
-) -> tuple[LmmEmbedder, TrainResult]:
+) -> tuple[Embedder, TrainResult]:
     """Train `model` (a name/path to load, or an embedder) on `data`'s training pairs."""
     embedder = load_model(model, data) if isinstance(model, str) else model
     config = TrainConfig.from_dict({**train_parameters, "output_dir": str(output_dir)})
@@ -137,35 +137,32 @@ def pretrain(recipe_file: str | Path, out_dir: str | Path, work_dir: str | Path 
 # Evaluation
 
 
-def _embedded_tasks(model, data: DatasetInfo, levels: Iterable[str], tasks, cache_dir):
-    """(task, level, query (Q, D), candidate (Q, C, D) embeddings) of every eval file present."""
+def _scored_tasks(model: Embedder, data: DatasetInfo, levels: Iterable[str], tasks, cache_dir,
+                  k: int) -> Iterator[tuple[str, str, ListScores]]:
+    """(task, level, `evaluation.score_eval_set` of its lists) for every eval file present."""
     model_key = model_fingerprint(model) if cache_dir is not None else None  # hash weights once
     for task in tasks or data.tasks:
         for level in levels:
             if level in data.levels(task):
-                queries, candidates = embed_eval_dataset(
-                    model, data.eval_dataset(task, level), batch_size=128, cache_dir=cache_dir,
-                    model_key=model_key, progress=False)
-                yield task, level, queries, candidates
+                yield task, level, score_eval_set(model, data.eval_dataset(task, level), k=k,
+                                                  cache_dir=cache_dir, model_key=model_key,
+                                                  **_EMBEDDING)
 
 
 def evaluate_tasks(
-    model, data: DatasetInfo, levels: Iterable[str] = ("hard",), tasks: Sequence[str] | None = None,
-    cache_dir: str | Path | None = None, k: int = 5,
+    model: Embedder, data: DatasetInfo, levels: Iterable[str] = ("hard",),
+    tasks: Sequence[str] | None = None, cache_dir: str | Path | None = None, k: int = 5,
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """One embedding pass per (task, level) that has an eval file; returns both
     `evaluate_embedder`'s table and `similarity_pools`' samples (pooled over every row)."""
     levels = list(levels)
     rows, pools = [], {"positive": [], "hard": [], "easy": []}
-    for task, level, queries, candidates in _embedded_tasks(model, data, levels, tasks, cache_dir):
-        row = {"task": task, "meta_task": data.meta_task(task), "level": level,
-               **candidate_list_metrics(queries, candidates)}
-        if candidates.shape[1] > 1:  # Table-1 statistics need at least one wrong candidate
-            stats = similarity_stats(queries, candidates, k=min(k, candidates.shape[1] - 1))
-            row.update(stats.as_dict())
-            for role, values in stats.distributions().items():
+    for task, level, scores in _scored_tasks(model, data, levels, tasks, cache_dir, k):
+        rows.append({"task": task, "meta_task": data.meta_task(task), "level": level,
+                     **scores.metrics()})
+        if scores.stats is not None:
+            for role, values in scores.stats.distributions().items():
                 pools[role].append(values)
-        rows.append(row)
     if not rows:
         raise ValueError(f"{data.root}: no eval files for levels {levels} in tasks "
                          f"{list(tasks or data.tasks)}")
@@ -186,23 +183,20 @@ def similarity_pools(model, data: DatasetInfo, level: str = "hard",
     return evaluate_tasks(model, data, (level,), tasks, cache_dir, k)[1]
 
 
-def pooled_distributions(scores: Sequence["QueryScores"]) -> dict[str, np.ndarray]:
+def pooled_distributions(scores: Sequence[QueryScores]) -> dict[str, np.ndarray]:
     """{positive, hard, easy} similarities of every seed's runs, flat (for histograms)."""
     return {role: np.concatenate([getattr(run, role).ravel() for run in scores])
             for role in ("positive", "hard", "easy")}
 
 
-def hardest_failures(model, data: DatasetInfo, task: str, level: str = "hard", n: int = 6,
-                     cache_dir=None) -> list[dict]:
+def hardest_failures(model: Embedder, data: DatasetInfo, task: str, level: str = "hard",
+                     n: int = 6, cache_dir=None) -> list[dict]:
     """The `n` queries whose best wrong candidate beats the positive by the widest margin."""
     dataset = data.eval_dataset(task, level)
-    queries, candidates = embed_eval_dataset(model, dataset, batch_size=128, cache_dir=cache_dir,
-                                             progress=False)
+    queries, candidates = embed_eval_dataset(model, dataset, cache_dir=cache_dir, **_EMBEDDING)
     if candidates.shape[1] < 2:
         raise ValueError(f"task {task!r} ({level}) has a single candidate: nothing can beat it")
-    scores = np.einsum("qd,qcd->qc", queries, candidates)  # encoders return unit vectors
-    best_wrong = 1 + scores[:, 1:].argmax(axis=1)
-    margins = scores[np.arange(len(scores)), best_wrong] - scores[:, 0]
+    best_wrong, margins = hardest_negatives(queries, candidates)
     failures = []
     for q in np.argsort(-margins)[:n]:
         if margins[q] < 0:
@@ -217,10 +211,10 @@ def hardest_failures(model, data: DatasetInfo, task: str, level: str = "hard", n
     return failures
 
 
-def embed_images(model, images: Sequence, cache_dir=None) -> np.ndarray:
+def embed_images(model: Embedder, images: Sequence, cache_dir=None) -> np.ndarray:
     """Image-only query embeddings (N, D), e.g. for clustering."""
-    return embed_in_batches(getattr(model, "encode_queries", model.encode), [""] * len(images),
-                            list(images), batch_size=128, progress=False, cache_dir=cache_dir,
+    return embed_in_batches(model.encode_queries, [""] * len(images), list(images),
+                            cache_dir=cache_dir, **_EMBEDDING,
                             cache_key=None if cache_dir is None else model_fingerprint(model))
 
 
@@ -333,20 +327,20 @@ class QueryScores:
 
     FIELDS = ("hit", "positive", "hard", "easy")
 
-    def subset(self, keep: np.ndarray) -> "QueryScores":
+    def subset(self, keep: np.ndarray) -> QueryScores:
         """The queries where `keep` (a (Q,) bool mask) is true."""
         return QueryScores(*(getattr(self, name)[keep] for name in (*self.FIELDS, "task")))
 
 
-def query_scores(model, data: DatasetInfo, level: str = "hard", tasks: Sequence[str] | None = None,
-                 k: int = 5, cache_dir=None) -> QueryScores:
+def query_scores(model: Embedder, data: DatasetInfo, level: str = "hard",
+                 tasks: Sequence[str] | None = None, k: int = 5, cache_dir=None) -> QueryScores:
     """Per-query P@1 hits and Table-1 similarities of `model` on every task's `level` lists."""
     parts = []
-    for task, _, queries, candidates in _embedded_tasks(model, data, (level,), tasks, cache_dir):
-        if candidates.shape[1] < 2:
+    for task, _, scores in _scored_tasks(model, data, (level,), tasks, cache_dir, k):
+        if scores.stats is None:
             raise ValueError(f"task {task!r} ({level}) has single-candidate lists: nothing to rank")
-        stats = similarity_stats(queries, candidates, k=min(k, candidates.shape[1] - 1))
-        hit = (positive_ranks(queries, candidates) == 1).astype(np.float64)
+        hit = (scores.ranks == 1).astype(np.float64)
+        stats = scores.stats
         parts.append((hit, stats.positive, stats.hard, stats.easy, np.full(len(hit), task)))
     if not parts:
         raise ValueError(f"{data.root}: no {level!r} eval files in tasks {list(tasks or data.tasks)}")

@@ -1,8 +1,11 @@
 """The fast two-tower CPU model: same interface as LmmEmbedder, rows independent, exact reload."""
+import doctest
+
 import pytest
 import torch
 from PIL import Image
 
+from llave_kit import dual_encoder
 from llave_kit.dual_encoder import TinyDualEmbedder
 from llave_kit.encoders import load_embedder
 
@@ -26,6 +29,16 @@ def test_batch_rows_equal_single_inputs_and_are_unit_norm(model):
     assert torch.allclose(batch.norm(dim=-1), torch.ones(3), atol=1e-6)
     singles = torch.cat([model.encode([t], [i]) for t, i in zip(texts, images)])
     assert torch.allclose(batch, singles, atol=1e-6)
+
+
+def test_queries_and_targets_are_encoded_as_before_they_had_their_own_methods(model):
+    """Callers used to fall back to `encode` for both sides; the two methods keep that."""
+    texts = ["<|image_1|> what is in the top left", "a small red circle", ""]
+    images = [image("red"), None, image("blue", size=40)]
+    with torch.no_grad():
+        plain = model.encode(texts, images)
+        assert torch.equal(model.encode_queries(texts, images), plain)
+        assert torch.equal(model.encode_targets(texts, images), plain)
 
 
 def test_word_order_and_unknown_words(model):
@@ -61,3 +74,7 @@ def test_bad_input(model, tmp_path):
         model.encode([], [])
     with pytest.raises(FileNotFoundError, match="not a saved TinyDualEmbedder"):
         TinyDualEmbedder.from_pretrained(tmp_path)
+
+
+def test_module_example_runs():
+    assert doctest.testmod(dual_encoder).failed == 0

@@ -1,4 +1,5 @@
 """evaluation.py against naive loops, scikit-learn and hand-worked cases; the embedding cache."""
+import doctest
 import importlib.util
 import math
 
@@ -9,6 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import label_ranking_average_precision_score, ndcg_score
 
+from llave_kit import evaluation
+from llave_kit.analysis import similarity_stats
 from llave_kit.data import write_records
 from llave_kit.evaluation import (
     candidate_list_metrics,
@@ -18,11 +21,13 @@ from llave_kit.evaluation import (
     embed_in_batches,
     evaluate_eval_set,
     gallery_metrics,
+    hardest_negatives,
     model_fingerprint,
     positive_ranks,
     project_2d,
     purity,
     ranking_metrics,
+    score_candidate_lists,
 )
 
 
@@ -53,6 +58,44 @@ def test_chunked_ranks_equal_unchunked_and_a_per_query_loop(gallery):
     metric_fn = gallery_metrics if gallery else candidate_list_metrics
     chunked = metric_fn(torch.tensor(query), cands, positives, chunk_size=2)
     assert chunked == metric_fn(query, cands, positives, chunk_size=1000)
+
+
+@pytest.mark.parametrize("gallery", [False, True])
+def test_hardest_negatives_equal_a_per_query_loop(gallery):
+    rng = np.random.default_rng(3)
+    query = rng.normal(size=(9, 8))
+    cands = rng.normal(size=(30, 8)) if gallery else rng.normal(size=(9, 7, 8))
+    positives = rng.integers(0, cands.shape[-2], size=9)
+    for chunk_size in (2, 1000):
+        columns, margins = hardest_negatives(query, cands, positives, chunk_size)
+        for i, q in enumerate(query):
+            candidates = cands[i] if cands.ndim == 3 else cands
+            sims = candidates @ q / (np.linalg.norm(candidates, axis=1) * np.linalg.norm(q))
+            wrong = [j for j in range(len(sims)) if j != positives[i]]
+            best = max(wrong, key=lambda j: sims[j])
+            assert columns[i] == best
+            assert margins[i] == pytest.approx(sims[best] - sims[positives[i]])
+    ranks = positive_ranks(query, cands, positives)
+    np.testing.assert_array_equal(margins >= 0, ranks > 1)  # a failure is a margin >= 0
+    with pytest.raises(ValueError, match="at least one wrong candidate"):
+        hardest_negatives(query[:2], np.ones((2, 1, 8)))
+
+
+def test_list_scores_are_the_ranks_and_table_1_statistics():
+    rng = np.random.default_rng(4)
+    query, cands = rng.normal(size=(11, 6)), rng.normal(size=(11, 4, 6))
+    scores = score_candidate_lists(query, cands, k=5, chunk_size=3)
+    np.testing.assert_array_equal(scores.ranks, positive_ranks(query, cands))
+    stats = similarity_stats(query, cands, k=3)  # k lowered to C - 1
+    for role in ("positive", "hard", "easy"):
+        np.testing.assert_allclose(getattr(scores.stats, role), getattr(stats, role))
+    assert scores.metrics(ks=(1, 2)) == {**candidate_list_metrics(query, cands, ks=(1, 2)),
+                                         **stats.as_dict()}
+    alone = score_candidate_lists(query, cands[:, :1])
+    assert alone.stats is None and alone.n_candidates == 1
+    assert alone.metrics() == candidate_list_metrics(query, cands[:, :1])
+    with pytest.raises(ValueError, match="candidate lists"):
+        score_candidate_lists(query, cands[0])
 
 
 def test_ties_rank_the_positive_last():
@@ -222,7 +265,9 @@ def test_embed_in_batches_rejects_bad_input(tmp_path):
 
 
 class BagOfWordsEmbedder(torch.nn.Module):
-    """A tiny deterministic stand-in for LmmEmbedder: word vectors + a linear map of pixels."""
+    """A tiny deterministic stand-in for LmmEmbedder: word vectors + a linear map of pixels.
+
+    Queries and targets share `encode`, as in TinyDualEmbedder."""
 
     def __init__(self, words, dim=16):
         super().__init__()
@@ -249,6 +294,12 @@ class BagOfWordsEmbedder(torch.nn.Module):
                 row = row + mean_pixel @ self.pixels
             rows.append(row)
         return F.normalize(self.dropout(torch.stack(rows)), dim=-1)
+
+    def encode_queries(self, texts, images):
+        return self.encode(texts, images)
+
+    def encode_targets(self, texts, images):
+        return self.encode(texts, images)
 
 
 WORDS = "red green blue circle square cat dog".split()
@@ -380,3 +431,7 @@ def test_model_fingerprint_follows_weights_and_settings_but_not_train_mode():
     with torch.no_grad():
         model.pixels[0, 0] += 1e-3
     assert model_fingerprint(model) != before
+
+
+def test_module_examples_run():
+    assert doctest.testmod(evaluation).failed == 0

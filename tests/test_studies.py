@@ -39,6 +39,27 @@ def test_query_scores_match_the_per_task_embeddings(scenes, untrained):
     np.testing.assert_allclose(untrained.hard[first], -np.sort(-scores[:, 1:])[:, :5], atol=1e-6)
 
 
+def test_hardest_failures_are_the_queries_a_wrong_candidate_beats_by_most(scenes):
+    model = load_model("tiny-dual", scenes)
+    task = scenes.tasks[0]
+    dataset = scenes.eval_dataset(task, "hard")
+    queries, candidates = embed_eval_dataset(model, dataset, progress=False)
+    scores = np.einsum("qd,qcd->qc", queries, candidates)
+    chosen = 1 + scores[:, 1:].argmax(axis=1)
+    margins = scores[np.arange(len(scores)), chosen] - scores[:, 0]
+    failures = studies.hardest_failures(model, scenes, task, n=3)
+    expected = -np.sort(-margins[margins >= 0])[:3]
+    assert len(failures) == len(expected) > 0
+    for failure, margin in zip(failures, expected):
+        assert failure["margin"] == pytest.approx(margin, abs=1e-6)
+        q = int(np.argmin(np.abs(margins - margin)))
+        item = dataset[q]
+        assert failure["chosen_text"] == item["candidate_texts"][chosen[q]]
+        assert np.array_equal(np.asarray(failure["chosen_image"]),
+                              np.asarray(item["candidate_images"][chosen[q]]))
+        assert failure["positive_text"] == item["candidate_texts"][0]
+
+
 def test_arm_statistics_equal_direct_computations(untrained):
     samples = stack_scores({"a": [untrained]})
     table = arm_intervals(samples, n_resamples=20).set_index("metric")["mean"]
