@@ -13,10 +13,16 @@ work. Inputs may be torch tensors (any dtype or device) or numpy arrays. Candida
 MMEB lists, cand_emb (Q, C, D) with each query's own C candidates (the positive is usually
 candidate 0), or as one shared gallery, cand_emb (N, D).
 
-Example:
-    >>> stats = similarity_stats(query_emb, cand_emb)      # (Q, D) and (Q, C, D); positives at 0
-    >>> stats.as_dict()                                    # positive, hard, easy, gap, k, queries
-    >>> overlap_metrics(stats.positive, stats.hard).auroc  # P(positive beats a top-k negative)
+Example (50 queries, 8 candidates each, the positive first and closest):
+    >>> rng = np.random.default_rng(0)
+    >>> query_emb = rng.normal(size=(50, 16))                                 # (Q, D)
+    >>> cand_emb = query_emb[:, None] + 1.5 * rng.normal(size=(50, 8, 16))     # (Q, C, D)
+    >>> cand_emb[:, 0] = query_emb + 0.5 * rng.normal(size=(50, 16))
+    >>> stats = similarity_stats(query_emb, cand_emb, k=3)
+    >>> {name: round(value, 3) for name, value in stats.as_dict().items()}
+    {'positive': 0.877, 'hard': 0.669, 'easy': 0.411, 'gap': 0.207, 'k': 3, 'queries': 50}
+    >>> round(overlap_metrics(stats.positive, stats.hard).auroc, 3)  # P(positive beats a top-k one)
+    0.966
 """
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ from pathlib import Path
 import nbformat
 import yaml
 
-from llave_kit.data import write_text
+from llave_kit.files import write_text
 from llave_kit.report import duration, metrics_html, metrics_text, write_reports
 
 METRICS_MIME = "application/vnd.llave-kit.metrics+json"

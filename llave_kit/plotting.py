@@ -19,10 +19,15 @@ labels and legends are in words and symbols (`METRIC_TITLES`, `COLUMN_NAMES`), a
 marks need a definition carry a caption under them. `save_figure(fig, "figures/name")` writes
 name.png and name.svg atomically; `set_style()` gives the user's own pyplot figures the same look.
 
-Example:
-    >>> fig = plot_similarity_distributions({"InfoNCE": stats_nce.distributions(),
-    ...                                      "LLaVE a=9": stats_llave.distributions()})
-    >>> save_figure(fig, "figures/similarity_distributions")
+Example (similarities drawn at random in place of two models'):
+    >>> import tempfile
+    >>> rng = np.random.default_rng(0)
+    >>> fig = plot_similarity_distributions({
+    ...     "InfoNCE": {"positive": rng.normal(0.90, 0.03, 300), "hard": rng.normal(0.80, 0.04, 300)},
+    ...     "LLaVE α=9": {"positive": rng.normal(0.85, 0.03, 300), "hard": rng.normal(0.65, 0.05, 300)},
+    ... })
+    >>> [path.name for path in save_figure(fig, f"{tempfile.mkdtemp()}/similarity_distributions")]
+    ['similarity_distributions.png', 'similarity_distributions.svg']
 """
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ from matplotlib.textpath import TextToPath
 from scipy.stats import gaussian_kde
 
 from llave_kit.analysis import as_float_array, overlap_metrics
-from llave_kit.data import IMAGE_PLACEHOLDER, atomic_path
+from llave_kit.data import IMAGE_PLACEHOLDER
+from llave_kit.files import atomic_path
 
 PALETTE = sns.color_palette("colorblind")
 ROLE_COLORS = {"positive": PALETTE[2], "hard": PALETTE[3], "easy": PALETTE[0],

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from llave_kit.data import write_text
+from llave_kit.files import write_text
 from llave_kit.statistics import VERDICTS
 
 MAX_COLUMNS = 6  # six "0.682 [0.657, 0.706]" cells still fit a page's width
