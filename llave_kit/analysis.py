@@ -26,8 +26,8 @@ Example (50 queries, 8 candidates each, the positive first and closest):
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,7 +35,6 @@ from scipy.signal import fftconvolve
 from scipy.special import logsumexp, softmax
 
 from llave_kit.statistics import auroc
-
 
 # --------------------------------------------------------------------------------------------------
 # Inputs

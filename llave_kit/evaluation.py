@@ -69,7 +69,12 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
 from llave_kit.analysis import (
-    SimilarityStats, as_float_array, l2_normalize, similarity_chunks, similarity_stats, to_numpy,
+    SimilarityStats,
+    as_float_array,
+    l2_normalize,
+    similarity_chunks,
+    similarity_stats,
+    to_numpy,
 )
 from llave_kit.data import EvalDataset
 from llave_kit.files import atomic_path

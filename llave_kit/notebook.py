@@ -12,8 +12,8 @@ missing one stops the notebook with one sentence saying what to run, not a libra
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 

@@ -27,17 +27,24 @@ Write one: llave-kit make-data scenes OUT_DIR [--seed 0] [--n-train 500] [--n-ev
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from string import Formatter
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from llave_kit.data import (
-    IMAGE_PLACEHOLDER, INSTRUCTIONS, MANIFEST_VERSION, DatasetInfo, existing_dataset,
-    load_manifest, text_words, write_manifest, write_records,
+    IMAGE_PLACEHOLDER,
+    INSTRUCTIONS,
+    MANIFEST_VERSION,
+    DatasetInfo,
+    existing_dataset,
+    load_manifest,
+    text_words,
+    write_manifest,
+    write_records,
 )
 from llave_kit.digits import DIGIT_CAPTION, DIGIT_WORDS
 from llave_kit.files import staged_directory, write_text

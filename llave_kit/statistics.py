@@ -24,8 +24,8 @@ Example (P@1 hits of two arms, each (S, Q): 3 seeds x the same 200 queries):
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 

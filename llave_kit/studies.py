@@ -38,13 +38,23 @@ from llave_kit.data import DatasetInfo, load_image, load_manifest
 from llave_kit.digits import make_digits_dataset
 from llave_kit.encoders import CPU_MODELS, Embedder, load_embedder
 from llave_kit.evaluation import (
-    ListScores, embed_eval_dataset, embed_in_batches, hardest_negatives, model_fingerprint,
+    ListScores,
+    embed_eval_dataset,
+    embed_in_batches,
+    hardest_negatives,
+    model_fingerprint,
     score_eval_set,
 )
 from llave_kit.files import staged_directory, write_text
 from llave_kit.scenes import make_scenes_dataset
 from llave_kit.statistics import (
-    Interval, Statistic, auroc_of, bootstrap_ci, compound_verdict, difference, mean_of,
+    Interval,
+    Statistic,
+    auroc_of,
+    bootstrap_ci,
+    compound_verdict,
+    difference,
+    mean_of,
     verdict,
 )
 from llave_kit.train import TrainConfig, TrainResult, train

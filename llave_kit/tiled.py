@@ -106,7 +106,7 @@ class _TiledHardnessWeightedNCE(torch.autograd.Function):
         row_lse = x.new_full((num_rows,), -torch.inf)  # (R,)
         col_lse = x.new_full((num_rows,), -torch.inf)  # (R,) one per square column
         hyper = (offset, with_columns, alpha, temperature, margin, chunk)
-        for r, c, square, row_logits, col_logits in _logit_blocks(x, y, positive_sims, *hyper):
+        for r, _, square, row_logits, col_logits in _logit_blocks(x, y, positive_sims, *hyper):
             row_lse[r] = torch.logaddexp(row_lse[r], row_logits.logsumexp(1))
             if col_logits is not None:
                 col_lse[square] = torch.logaddexp(col_lse[square], col_logits.logsumexp(0))

@@ -20,7 +20,8 @@
 # similarity of query `i` and candidate `j`, and candidate `i` is query `i`'s positive. InfoNCE
 # asks each query to pick its positive out of the batch:
 #
-# $$\mathcal{L}_i = -\log \frac{e^{s_{ii}/\tau}}{e^{s_{ii}/\tau} + \sum_{j \ne i} e^{s_{ij}/\tau + \alpha\,\mathrm{sg}(s_{ij})}}$$
+# $$\mathcal{L}_i = -\log \frac{e^{s_{ii}/\tau}}
+#   {e^{s_{ii}/\tau} + \sum_{j \ne i} e^{s_{ij}/\tau + \alpha\,\mathrm{sg}(s_{ij})}}$$
 #
 # with temperature `τ` (LLaVE: 0.02). Plain InfoNCE has `α = 0`. LLaVE's hardness weighting adds
 # a detached (`sg`, stop-gradient) `α · s_ij` to every negative's logit, so each negative's

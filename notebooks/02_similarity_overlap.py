@@ -63,11 +63,21 @@ from IPython.display import display
 from llave_kit.notebook import start
 from llave_kit.pipeline import record_metrics
 from llave_kit.plotting import (
-    metric_titles, plot_effects, plot_intervals, plot_similarity_distributions, save_figure,
+    metric_titles,
+    plot_effects,
+    plot_intervals,
+    plot_similarity_distributions,
+    save_figure,
 )
 from llave_kit.studies import (
-    arm_intervals, intervals_record, load_data, paper_readings, pooled_distributions, score_arms,
-    stack_scores, train_arms,
+    arm_intervals,
+    intervals_record,
+    load_data,
+    paper_readings,
+    pooled_distributions,
+    score_arms,
+    stack_scores,
+    train_arms,
 )
 
 start(checkpoints=[base_checkpoint], data=data)

@@ -56,8 +56,16 @@ from llave_kit.notebook import start
 from llave_kit.pipeline import record_metrics
 from llave_kit.plotting import plot_effects, plot_failure_cases, plot_intervals, save_figure
 from llave_kit.studies import (
-    arm_difference, arm_intervals, hardest_failures, intervals_record, load_data, load_model,
-    meta_task_intervals, score_arms, stack_scores, train_arms,
+    arm_difference,
+    arm_intervals,
+    hardest_failures,
+    intervals_record,
+    load_data,
+    load_model,
+    meta_task_intervals,
+    score_arms,
+    stack_scores,
+    train_arms,
 )
 
 start(checkpoints=[base_checkpoint], data=data)

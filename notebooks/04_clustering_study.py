@@ -68,8 +68,10 @@ digit_images, digit_labels = labelled_images(digits, "digit", split="eval")
 digits_models = train_arms(arms, base_checkpoint, digits, f"{output_dir}/digits", seeds=[training_seed],
                            **{**finetune, "max_steps": digits_steps})
 device = finetune.get("device")
-embeddings = {f"digits · {name}": (embed_images(load_model(str(path), digits, device=device), digit_images), digit_labels)
-              for name, (path,) in digits_models.items()}
+embeddings = {}
+for name, (path,) in digits_models.items():
+    model = load_model(str(path), digits, device=device)
+    embeddings[f"digits · {name}"] = (embed_images(model, digit_images), digit_labels)
 
 # %% [markdown]
 # ## Scenes: single-object images, labelled by shape
@@ -79,7 +81,8 @@ scenes = load_data("scenes", data_dir, n_train=n_train, n_eval=n_eval)
 scene_images, scene_labels = labelled_images(scenes, "shape", split="eval", task="cls_object", role="query")
 scenes_models = train_arms(arms, base_checkpoint, scenes, train_dir, seeds=[training_seed], **finetune)
 for name, (path,) in scenes_models.items():
-    embeddings[f"scenes · {name}"] = (embed_images(load_model(str(path), scenes, device=device), scene_images), scene_labels)
+    model = load_model(str(path), scenes, device=device)
+    embeddings[f"scenes · {name}"] = (embed_images(model, scene_images), scene_labels)
 
 # %%
 scores = {title: cluster_embeddings(emb, labels, seed=seed).as_dict() for title, (emb, labels) in embeddings.items()}

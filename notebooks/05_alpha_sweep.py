@@ -19,9 +19,10 @@
 # 1. **α sweep.** Fine-tune the shared starting checkpoint with hardness weighting at several α, once
 #    per training seed; P@1 on hard lists, the positive-hard gap and AUROC against α.
 # 2. **Temperature-matched control.** For negatives, `s/τ + α s = s (1/τ + α)`: part of the gain may
-#    be "sharper negatives". Beside each α of `matched_alphas`, InfoNCE at `1/τ' = 1/τ + α` is trained (drawn at the same
-#    α). What weighting adds beyond it is the effect of keeping the positive at scale `1/τ` and of the
-#    stop-gradient: the control's differences answer that, whichever way they go.
+#    be "sharper negatives". Beside each α of `matched_alphas`, InfoNCE at `1/τ' = 1/τ + α` is
+#    trained (drawn at the same α). What weighting adds beyond it is the effect of keeping the
+#    positive at scale `1/τ` and of the stop-gradient: the control's differences answer that,
+#    whichever way they go.
 # 3. **Ablation ladder** (the paper's Table 5 order): InfoNCE → + cross-device gather (simulated here
 #    by a `pool_factor` times larger batch, which the gather makes exactly equivalent; like a run on
 #    `pool_factor` devices, it also sees `pool_factor` times more pairs in the same steps) → + focal
@@ -65,8 +66,14 @@ from llave_kit.notebook import start
 from llave_kit.pipeline import record_metrics
 from llave_kit.plotting import metric_titles, plot_effects, plot_intervals, save_figure
 from llave_kit.studies import (
-    ablation_ladder_variants, alpha_sweep_variants, arm_difference, intervals_record, load_data,
-    run_variants, stack_scores, variant_intervals,
+    ablation_ladder_variants,
+    alpha_sweep_variants,
+    arm_difference,
+    intervals_record,
+    load_data,
+    run_variants,
+    stack_scores,
+    variant_intervals,
 )
 
 start(checkpoints=[base_checkpoint], data=data)
@@ -132,7 +139,8 @@ if ladder:
                             f"{upper['label']} vs {lower['label'][2:]}: P@1 gain", +1, n_resamples)
              for lower, upper in zip(rungs, rungs[1:])]
     figure = plot_intervals(ladder_table, x="label", xlabel="rung (each adds one change to the one before)",
-                            title="The ablation ladder (LLaVE's Table 5 order)", panel_titles=metric_titles(level=level))
+                            title="The ablation ladder (LLaVE's Table 5 order)",
+                            panel_titles=metric_titles(level=level))
     save_figure(figure, f"{figures_dir}/ablation_ladder")
     display(figure)
     display(pd.DataFrame(steps).round(4))

@@ -18,7 +18,12 @@ from torch.utils.data import DataLoader
 
 from llave_kit import data, scenes
 from llave_kit.data import (
-    EvalDataset, TrainPairDataset, collate_eval, collate_train_pairs, load_manifest, read_records,
+    EvalDataset,
+    TrainPairDataset,
+    collate_eval,
+    collate_train_pairs,
+    load_manifest,
+    read_records,
     write_records,
 )
 from llave_kit.digits import make_digits_dataset

@@ -7,8 +7,8 @@ concatenated global batch, and each rank's gradient for its own rows, divided by
 import pytest
 import torch
 import torch.nn.functional as F
-
 from distributed_helpers import run_distributed
+
 from llave_kit.distributed import all_gather_with_grad, local_row_offset
 from llave_kit.losses import make_loss
 

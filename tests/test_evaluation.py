@@ -30,7 +30,6 @@ from llave_kit.evaluation import (
     score_candidate_lists,
 )
 
-
 # --------------------------------------------------------------------------------------------------
 # Retrieval
 

@@ -8,7 +8,13 @@ from llave_kit import studies
 from llave_kit.analysis import overlap_metrics, similarity_stats
 from llave_kit.evaluation import embed_eval_dataset
 from llave_kit.studies import (
-    QueryScores, arm_intervals, load_data, load_model, paper_readings, query_scores, stack_scores,
+    QueryScores,
+    arm_intervals,
+    load_data,
+    load_model,
+    paper_readings,
+    query_scores,
+    stack_scores,
     train_arms,
 )
 

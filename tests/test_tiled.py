@@ -11,8 +11,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
 from distributed_helpers import run_distributed
+
 from llave_kit.losses import (
     HardnessWeightedInfoNCELoss,
     InfoNCELoss,

@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from distributed_helpers import run_distributed
 from PIL import Image
 from safetensors.torch import load_file
 
-from distributed_helpers import run_distributed
 from llave_kit import train as train_module
 from llave_kit.checkpoints import latest_checkpoint
 from llave_kit.gradcache import Encoder, contrastive_backward
