@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 if TYPE_CHECKING:
     from llave_kit.train import TrainConfig
 
@@ -30,8 +32,6 @@ class UsageError(ValueError):
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
     """["KEY=VALUE", ...] -> {KEY: VALUE read as YAML}; a later KEY wins."""
-    import yaml
-
     params = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -54,8 +54,6 @@ def _yaml_problem(error) -> str:
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """A YAML mapping of TrainConfig fields, then KEY=VALUE overrides."""
-    import yaml
-
     try:
         params = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as error:

@@ -67,6 +67,7 @@ from llave_kit.checkpoints import (
     save_checkpoint,
     save_final_model,
 )
+from llave_kit.data import collate_train_pairs
 from llave_kit.distributed import is_distributed, rank, world_size
 from llave_kit.files import write_text
 from llave_kit.gradcache import Encoder, contrastive_backward, rng_devices
@@ -573,8 +574,7 @@ def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable |
     logged to eval.jsonl; loss_fn(query, target) -> scalar replaces the configured loss (it must
     gather across devices itself under torchrun). Raises NonFiniteLossError on a nan/inf loss.
     """
-    if collate_fn is None:
-        from llave_kit.data import collate_train_pairs as collate_fn
+    collate_fn = collate_fn or collate_train_pairs
     run = _build_run(config, model, dataset, loss_fn)
     _prepare_output_dir(config, run.runtime, run.output_dir)
     start_step, elapsed, checkpoint = _restore(run)

@@ -43,7 +43,6 @@ def test_studies_train_and_evaluate_on_the_folder(mmeb_folder, tmp_path_factory)
                                    loss="info_nce", batch_size=2, max_steps=12)
     table = evaluate_embedder(model, data, levels=("test",))
     assert list(table.task) == ["MSCOCO_i2t", "ObjectNet"]
-    assert table["p@1"].between(0, 1).all()
     losses = [record["loss"] for record in result.history]
     # a batch of the two pairs starts near ln 2 (the captions not told apart) and is learnt by heart
     assert len(losses) == 12 and losses[0] > 0.5 and losses[-1] < 0.01
