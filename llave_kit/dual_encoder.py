@@ -97,15 +97,19 @@ class TinyDualEmbedder(nn.Module):
         The text picks patches by attention ("what is in the top left" must read one cell);
         a missing image contributes zeros.
         """
-        features = torch.zeros(len(images), 3 * self.width, device=self.device)
         present, patches = self._patches(images)
-        if present:
-            whole = self.image_head(patches.flatten(1))  # (n, 2 width): position survives
-            keys = patches + self.patch_positions  # (n, 36, width)
-            query = self.attention_query(text[present])  # (n, width)
-            weights = torch.softmax(keys @ query[:, :, None] / self.width ** 0.5, dim=1)
-            looked_at = (weights * patches).sum(dim=1)  # (n, width)
-            features[present] = torch.cat([whole, looked_at], dim=1)
+        if not present:
+            return text.new_zeros(len(images), 3 * self.width)
+        whole = self.image_head(patches.flatten(1))  # (n, 2 width): position survives
+        keys = patches + self.patch_positions  # (n, 36, width)
+        query = self.attention_query(text[present])  # (n, width)
+        weights = torch.softmax(keys @ query[:, :, None] / self.width ** 0.5, dim=1)
+        looked_at = (weights * patches).sum(dim=1)  # (n, width)
+        seen = torch.cat([whole, looked_at], dim=1)  # (n, 3 width)
+        # Zeros in the dtype the image tower produced: under autocast that is bf16 while the text
+        # tower's GRU stays float32, and the row assignment below needs both sides to agree.
+        features = seen.new_zeros(len(images), 3 * self.width)
+        features[present] = seen
         return features
 
     def _text_features(self, texts: Sequence[str]) -> torch.Tensor:

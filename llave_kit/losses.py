@@ -6,6 +6,15 @@ query  (B, D)  L2-normalised query embeddings.
 target (M, D)  L2-normalised targets, M >= B. Row i is query i's positive; rows B..M-1 are extra
                (explicit hard) negatives shared by all queries.
 s_ij = q_i . t_j,   temperature tau ("scale" = 1 / tau).
+dtypes         query and target may differ in floating dtype. Then both are cast to their common
+               dtype (two different floating dtypes always promote to float32 or wider), on the
+               dense and the tiled path alike: the loss equals the loss of the cast inputs, and each
+               input's gradient comes back in that input's own dtype. A bf16 query against float32
+               targets gives the float32 loss of the bf16-rounded query, as a cast would.
+               The softmax always runs in at least float32 (`compute_dtype`), the dtype of the
+               returned scalar. Half-precision inputs of one dtype: the dense path forms the
+               similarities in that dtype, as a half-precision matmul does; the tiled path forms
+               them in float32.
 
 How a loss is built
 -------------------
@@ -99,6 +108,15 @@ def _check_hyper_parameters(**values) -> None:
             raise ValueError(f"{name} must be a finite number {expected}, got {value!r}")
 
 
+def compute_dtype(query: torch.Tensor, target: torch.Tensor) -> torch.dtype:
+    """The dtype the softmax and the loss run in: the inputs' common dtype, never below float32.
+
+    bf16 rounds a similarity near 1 by up to 2^-9, which tau = 0.02 magnifies 50x in the logits;
+    float64 inputs keep float64.
+    """
+    return torch.promote_types(torch.promote_types(query.dtype, target.dtype), torch.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # The driver: similarities, negatives mask, cross-entropy, reduction
 
@@ -122,17 +140,20 @@ def _similarity_views(
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
     """[(similarities, labels)] per direction, and the global batch size.
 
-    Similarities are computed in the input dtype, then promoted to at least float32 so the softmax
-    never runs in half precision.
+    Similarities are computed in the inputs' common dtype (autograd casts each input's gradient
+    back to its own dtype), then promoted to `compute_dtype` so the softmax never runs in half
+    precision.
     """
+    softmax_dtype = compute_dtype(query, target)
+    common = torch.promote_types(query.dtype, target.dtype)
+    query, target = query.to(common), target.to(common)  # no copies when the dtypes agree
     batch = query.shape[0]
     positives = target[:batch]
     all_queries, all_targets, offset = _gather_batch(query, target, gather)
     labels = torch.arange(offset, offset + batch, device=query.device)
-    compute_dtype = torch.promote_types(query.dtype, torch.float32)
-    views = [((query @ all_targets.T).to(compute_dtype), labels)]  # (B, M_global)
+    views = [((query @ all_targets.T).to(softmax_dtype), labels)]  # (B, M_global)
     if symmetric:
-        views.append(((positives @ all_queries.T).to(compute_dtype), labels))  # (B, B_global)
+        views.append(((positives @ all_queries.T).to(softmax_dtype), labels))  # (B, B_global)
     return views, all_queries.shape[0]
 
 
@@ -225,7 +246,7 @@ def _tiled_loss(
     sums = tiled_direction_sums(
         query, target, all_queries, all_targets, offset, symmetric=symmetric,
         false_negative_margin=false_negative_margin, chunk_size=chunk_size,
-        **tiled_forms[row_loss], **hyper_parameters,
+        dtype=compute_dtype(query, target), **tiled_forms[row_loss], **hyper_parameters,
     )
     return _reduce(sums, all_queries.shape[0], gather)
 

@@ -94,12 +94,13 @@ class _TiledHardnessWeightedNCE(torch.autograd.Function):
        accumulated as d rows += dS @ columns, d columns += dS.T @ rows.
     4. The -[positive] / tau part is a diagonal term, added once outside the blocks.
 
-    Everything runs in at least float32; gradients are returned in the input dtype.
+    Everything runs in `dtype` (the losses' `compute_dtype`); the inputs are saved as they came,
+    so half-precision embeddings cost half the memory, and each gradient is returned in its input's
+    dtype.
     """
 
     @staticmethod
-    def forward(ctx, rows, columns, offset, with_columns, alpha, temperature, margin, chunk):
-        dtype = torch.promote_types(rows.dtype, torch.float32)
+    def forward(ctx, rows, columns, offset, with_columns, alpha, temperature, margin, chunk, dtype):
         x, y = rows.to(dtype), columns.to(dtype)  # (R, D), (K, D)
         num_rows = x.shape[0]
         positive_sims = (x * y[offset : offset + num_rows]).sum(-1)  # (R,)
@@ -138,7 +139,8 @@ class _TiledHardnessWeightedNCE(torch.autograd.Function):
         positives = slice(offset, offset + num_rows)
         grad_x -= pull * y[positives]
         grad_y[positives] -= pull * x
-        return grad_x.to(rows.dtype), grad_y.to(columns.dtype), None, None, None, None, None, None
+        return (grad_x.to(rows.dtype), grad_y.to(columns.dtype),
+                None, None, None, None, None, None, None)
 
 
 def tiled_direction_sums(
@@ -153,15 +155,17 @@ def tiled_direction_sums(
     symmetric: bool,
     false_negative_margin: float | None,
     chunk_size: int,
+    dtype: torch.dtype,
 ) -> list[torch.Tensor]:
     """Per-direction sums of the row losses, exactly as the dense path computes them, but tiled.
 
     query (B, D) and target (M, D) are this rank's; all_queries (B_global, D) and all_targets
     (M_global, D: every positive, then every extra) are gathered (the local tensors themselves in
-    one process), and `offset` is this rank's first row in the global batch.
+    one process), and `offset` is this rank's first row in the global batch. Everything is
+    computed in `dtype` (`losses.compute_dtype`: the inputs' common dtype, at least float32).
     """
     batch = query.shape[0]
-    hyper = (alpha, temperature, false_negative_margin, chunk_size)
+    hyper = (alpha, temperature, false_negative_margin, chunk_size, dtype)
     if all_queries.shape[0] == batch:
         # One process: the target->query matrix is the transpose of the query->target matrix's
         # first B columns, so one sweep yields both directions.

@@ -8,6 +8,9 @@ from PIL import Image
 from llave_kit import dual_encoder
 from llave_kit.dual_encoder import TinyDualEmbedder
 from llave_kit.encoders import load_embedder
+from llave_kit.losses import hardness_weighted_info_nce
+from llave_kit.studies import load_data, load_model
+from llave_kit.train import TrainConfig, train
 
 VOCABULARY = ["<|image_1|> what is in the top left", "a small red circle", "a large blue square"]
 
@@ -55,6 +58,41 @@ def test_gradients_reach_both_towers_and_the_fusion(model):
     model.encode(texts, images).sum().backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_forward_and_backward_under_bf16_autocast(model):
+    """What TrainConfig(precision="bf16") does on a CPU: the convolutions and linear layers run in
+    bf16 while the GRU stays float32, and the embeddings still match the float32 model's."""
+    model.zero_grad()
+    texts = ["a small red circle", "", "what is in the top left", "a large blue square"]
+    images = [None, image("red"), image("blue"), image("green", size=40)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embeddings = model.encode(texts, images)
+    assert embeddings.dtype == torch.bfloat16
+    with torch.no_grad():
+        full = model.encode(texts, images)
+    # bf16 keeps 8 significant bits: entries of a unit 128-vector move by about 1e-3.
+    torch.testing.assert_close(embeddings.float(), full, rtol=0, atol=0.01)
+    hardness_weighted_info_nce(embeddings[:2], embeddings[2:], temperature=0.1).backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+        assert torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0, name
+
+
+def test_two_bf16_training_steps_on_scenes(tmp_path):
+    """The run that crashed in the image tower: tiny-dual on scenes with precision="bf16"."""
+    data = load_data("scenes", tmp_path / "scenes", n_train=4, n_eval=2)
+    model = load_model("tiny-dual", data)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    config = TrainConfig(output_dir=str(tmp_path / "run"), precision="bf16", device="cpu",
+                         max_steps=2, batch_size=4, lr=1e-3)
+    result = train(config, model, data.train_dataset())
+    assert [record["step"] for record in result.history] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(record["loss"])) for record in result.history)
+    trained = TinyDualEmbedder.from_pretrained(result.final_model_path).state_dict()
+    assert all(value.dtype == torch.float32 and torch.isfinite(value).all()
+               for value in trained.values())  # autocast keeps float32 master weights
+    assert any(not torch.equal(trained[name], value) for name, value in before.items())
 
 
 def test_save_and_reload_through_load_embedder(model, tmp_path):

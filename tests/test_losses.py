@@ -281,6 +281,36 @@ def test_half_precision_inputs_compute_softmax_in_float32(dtype):
     assert q_half.grad.dtype == dtype and torch.isfinite(q_half.grad.float()).all()
 
 
+# Every kind of mismatch: half with float32 either way round, two different half formats (whose
+# common dtype is float32), and float32 with float64 (which must not be rounded down to float32).
+MIXED_DTYPES = [(torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+                (torch.bfloat16, torch.float16), (torch.float32, torch.float64)]
+
+
+@pytest.mark.parametrize("query_dtype, target_dtype", MIXED_DTYPES)
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_mixed_dtypes_give_the_loss_of_both_inputs_cast_to_their_common_dtype(
+    name, query_dtype, target_dtype
+):
+    """The documented rule, on the dense path of every loss (test_tiled.py: the tiled path)."""
+    query, target = batch(b=6, extra=2, dim=16)
+    query = query.to(query_dtype).requires_grad_()
+    target = target.to(target_dtype).requires_grad_()
+    common = torch.promote_types(torch.promote_types(query_dtype, target_dtype), torch.float32)
+    assert losses.compute_dtype(query, target) == common
+    loss = make_loss(name, temperature=0.05, false_negative_margin=0.1)
+    got = loss(query, target)
+    got.backward()
+    cast_query, cast_target = (x.detach().to(common).requires_grad_() for x in (query, target))
+    expected = loss(cast_query, cast_target)
+    expected.backward()
+    assert got.dtype == common
+    torch.testing.assert_close(got, expected)
+    for tensor, reference in ((query, cast_query), (target, cast_target)):
+        assert tensor.grad.dtype == tensor.dtype
+        torch.testing.assert_close(tensor.grad, reference.grad.to(tensor.dtype))
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input
 

@@ -16,6 +16,7 @@ from distributed_helpers import run_distributed
 from llave_kit.losses import (
     HardnessWeightedInfoNCELoss,
     InfoNCELoss,
+    compute_dtype,
     hardness_weighted_info_nce,
     info_nce,
     make_loss,
@@ -179,6 +180,29 @@ def test_half_precision_computes_in_float32_and_returns_input_dtype_gradients(dt
     for got, expected in ((grad_query, ref_query), (grad_target, ref_target)):
         scale = expected.abs().max()
         torch.testing.assert_close(got.double(), expected, rtol=2 * ulp, atol=2 * ulp * scale)
+
+
+@pytest.mark.parametrize("query_dtype, target_dtype", [
+    (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float16), (torch.float32, torch.float64),
+])
+@pytest.mark.parametrize("loss_fn", [info_nce, hardness_weighted_info_nce])
+def test_mixed_dtypes_follow_the_dense_paths_rule(loss_fn, query_dtype, target_dtype):
+    """Both inputs cast to their common dtype, at least float32 (`compute_dtype`), on both paths;
+    each gradient in its input's dtype. float64 targets must not be rounded to float32."""
+    query, target = make_batch(7, 3, dim=6, seed=8)
+    query, target = query.to(query_dtype), target.to(target_dtype)
+    common = compute_dtype(query, target)
+    reference = value_and_grads(loss_fn, query.to(common), target.to(common), temperature=0.05)
+    dense = value_and_grads(loss_fn, query, target, temperature=0.05)
+    tiled = value_and_grads(loss_fn, query, target, temperature=0.05, chunk_size=3)
+    for got in (dense, tiled):
+        value, grad_query, grad_target = got
+        assert value.dtype == common
+        assert (grad_query.dtype, grad_target.dtype) == (query_dtype, target_dtype)
+        torch.testing.assert_close(value, reference[0])
+        torch.testing.assert_close(grad_query, reference[1].to(query_dtype))
+        torch.testing.assert_close(grad_target, reference[2].to(target_dtype))
 
 
 @pytest.mark.gpu
