@@ -5,22 +5,26 @@
         trainer_state.safetensors  tensors: optimizer moments ("optimizer.<param>.<name>"), torch
                                    CPU/CUDA RNG states per rank ("rng.<rank>.torch|cuda")
         trainer_state.json         step, data position (epoch, batch_in_epoch), world size, elapsed,
-                                   config, optimizer param groups, scheduler and grad-scaler state,
-                                   python and numpy RNG states per rank
+                                   config, optimizer param groups, grad-scaler state, python and
+                                   numpy RNG states per rank (the lr is a function of config and
+                                   step, so no scheduler state is needed)
     output_dir/final/              the trained model (`model.save_pretrained`, else
                                    model.safetensors)
 
 Every folder is written under a staging name and renamed into place
-(`llave_kit.files.staged_directory`), so `checkpoints/` only ever holds complete ones;
-`save_checkpoint` keeps the newest `keep_last`. Only the main process writes; every rank reads its
-own RNG state back.
+(`llave_kit.files.staged_directory`), and renamed out of place before it is deleted (`discard`), so
+`checkpoints/` only ever holds complete ones, whenever the process is killed; `save_checkpoint`
+keeps the newest `keep_last`. What a kill leaves under a hidden name, `remove_partial_saves`
+deletes. Only the main process writes; every rank reads its own RNG state back.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,14 +56,29 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def remove_partial_saves(output_dir: str | Path) -> None:
-    """Delete the staging folders that a process killed during a save left behind."""
+    """Delete the hidden folders that a process killed during a save or a deletion left behind."""
     output_dir = Path(output_dir)
-    for stale in [*(output_dir / "checkpoints").glob(".step_*"), *output_dir.glob(".final.*")]:
+    for stale in [*(output_dir / "checkpoints").glob(".step_*"), *output_dir.glob(".final.*"),
+                  *output_dir.glob(".checkpoints.*")]:
         shutil.rmtree(stale)
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, info: dict,
-                    rng_states: list[dict], keep_last: int) -> Path:
+def discard(folder: Path) -> None:
+    """Delete a folder by first renaming it to a hidden name (`.<name>.old-<hex>`, which
+    `remove_partial_saves` removes): a kill during the deletion leaves no half-deleted folder under
+    a name that readers trust."""
+    hidden = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(folder, hidden)
+    shutil.rmtree(hidden)
+
+
+def checkpoint_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json: step, world size, config, ... (see the module doc)."""
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def save_checkpoint(path: Path, model, optimizer, scaler, info: dict, rng_states: list[dict],
+                    keep_last: int) -> Path:
     """Write a checkpoint folder (staged, then renamed) and prune all but the newest keep_last."""
     opt = optimizer.state_dict()
     tensors = {f"optimizer.{pid}.{name}": value.contiguous()
@@ -70,7 +89,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, info: dict,
             tensors[f"rng.{r}.cuda"] = rng_state["cuda"]
     state = {
         "format": CHECKPOINT_FORMAT, **info, "optimizer_param_groups": opt["param_groups"],
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+        "scaler": scaler.state_dict() if scaler else None,
         "rng": [{"python": s["python"], "numpy": s["numpy"]} for s in rng_states],
     }
     with staged_directory(path, overwrite=True) as stage:
@@ -78,17 +97,13 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, info: dict,
         save_file(tensors, str(stage / "trainer_state.safetensors"))
         write_text(stage / "trainer_state.json", json.dumps(state, indent=1))
     for old in sorted(path.parent.glob("step_*"), key=lambda p: p.name)[:-keep_last]:
-        shutil.rmtree(old)
+        discard(old)
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, runtime: Runtime) -> dict:
-    """Restore model, optimizer, scheduler, scaler and this rank's RNG; return the JSON state."""
-    info = json.loads((path / "trainer_state.json").read_text())
-    if info.get("format") != CHECKPOINT_FORMAT or info["world_size"] != runtime.world_size:
-        raise ValueError(
-            f"{path}: format {info.get('format')!r}, world size {info.get('world_size')}; this run "
-            f"expects {CHECKPOINT_FORMAT!r} with world size {runtime.world_size}")
+def load_checkpoint(path: Path, info: dict, model, optimizer, scaler, runtime: Runtime) -> None:
+    """Restore model, optimizer, scaler and this rank's RNG from `path`, whose state `info`
+    (`checkpoint_state`) the caller has checked: format, world size, config."""
     load_model(model, str(path / "model.safetensors"), device=str(runtime.device))
     tensors = load_file(str(path / "trainer_state.safetensors"))
     state: dict[int, dict] = {}
@@ -97,13 +112,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, runtime: Ru
         if kind == "optimizer":
             state.setdefault(int(owner), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": info["optimizer_param_groups"]})
-    scheduler.load_state_dict(info["scheduler"])
-    if scaler is not None:
+    if scaler is not None and info["scaler"] is not None:  # else a run resumed into fp16: a new one
         scaler.load_state_dict(info["scaler"])
     r = runtime.rank
     restore_rng({**info["rng"][r], "torch": tensors[f"rng.{r}.torch"],
                  "cuda": tensors.get(f"rng.{r}.cuda")}, runtime.device)
-    return info
 
 
 def save_final_model(model: nn.Module, output_dir: Path) -> Path:

@@ -9,7 +9,8 @@
 
 A KEY=VALUE reads its value as YAML (`max_steps=7`, `alpha=0.5`, `seeds=[0,1]`,
 `loss_kwargs={symmetric: false}`). A mistake in the command line or in a file it names prints one
-line, `error: ...`, and exits with status 2.
+line, `error: ...`, and exits with status 2; so does a training config that does not fit its
+output_dir, data or device. A training run stopped by a nan/inf prints one line and exits with 1.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     from llave_kit.data import TrainPairDataset, load_manifest
     from llave_kit.distributed import is_distributed
     from llave_kit.encoders import load_embedder
-    from llave_kit.train import train
+    from llave_kit.train import NonFiniteError, TrainConfigError, train
 
     config = load_config(args.config, args.overrides)
     if config.model is None or config.data is None:
@@ -94,6 +95,11 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None  # it names the file or model
     try:
         train(config, model, dataset)
+    except TrainConfigError as error:
+        raise UsageError(str(error)) from None
+    except NonFiniteError as error:  # what happened and what to do: a traceback would add nothing
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     finally:
         if is_distributed():
             dist.destroy_process_group()

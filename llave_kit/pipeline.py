@@ -330,23 +330,29 @@ def _resolve(value, pipeline: Pipeline):
 
 
 def _train_config_problems(run: Run, parameters: dict) -> list[str]:
-    problems, field_sets = [], []
-    if isinstance(parameters.get("finetune"), dict):
-        field_sets.append(("parameter 'finetune'", parameters["finetune"]))
-    for arm, fields in (parameters["arms"] if isinstance(parameters.get("arms"), dict) else {}).items():
+    finetune = parameters.get("finetune")
+    arms = parameters.get("arms")
+    if not isinstance(finetune, dict) and not isinstance(arms, dict):
+        return []
+    from llave_kit.train import TrainConfig  # imports torch: only for pipelines that train
+
+    def problem(where: str, fields: dict) -> list[str]:
+        try:
+            TrainConfig.check_types(fields)
+        except ValueError as error:
+            return [f"run {run.name!r}: {where}: {error}"]
+        return []
+
+    problems = problem("parameter 'finetune'", finetune) if isinstance(finetune, dict) else []
+    # An arm trains with the shared fields too (its loss_kwargs are checked against its own loss),
+    # unless those are already reported.
+    shared = finetune if isinstance(finetune, dict) and not problems else {}
+    for arm, fields in (arms if isinstance(arms, dict) else {}).items():
         if isinstance(fields, dict):
-            field_sets.append((f"parameter 'arms', arm {arm!r}", fields))
+            problems += problem(f"parameter 'arms', arm {arm!r}", {**shared, **fields})
         else:
             problems.append(f"run {run.name!r}: parameter 'arms', arm {arm!r} = {fields!r}, "
                             "expected a mapping of TrainConfig fields")
-    if field_sets:
-        from llave_kit.train import TrainConfig  # imports torch: only for pipelines that train
-
-        for where, fields in field_sets:
-            try:
-                TrainConfig.check_types(fields)
-            except ValueError as error:
-                problems.append(f"run {run.name!r}: {where}: {error}")
     return problems
 
 

@@ -22,14 +22,22 @@ Output dir:
     metrics.jsonl          one record per `log_every` steps: step, epoch, loss, lr, grad_norm,
                            examples_per_s, elapsed_s (loss and lr are those of that step)
     eval.jsonl             `eval_fn(model)` results: before training, every `eval_every`, at the end
-    checkpoints/step_00000100/   model, optimizer, scheduler, scaler and RNG state
+    checkpoints/step_00000100/   model, optimizer, scaler and RNG state
                                  (layout in `llave_kit.checkpoints`); the newest `keep_last` kept
     final/                 the trained model (`model.save_pretrained`, else model.safetensors)
 
 `resume=True` continues from the newest checkpoint: the data order depends only on (seed, epoch)
-and the step, so the resumed run replays the uninterrupted one (bit for bit on CPU). A fresh run
-refuses an output_dir holding a run unless `overwrite=True`. Under torchrun only rank 0 writes, and
-every rank reads the checkpoint on resume: output_dir must be storage all ranks see.
+and the step, so the resumed run replays the uninterrupted one (bit for bit on CPU). A resumed run
+may change the fields in `RESUMABLE_FIELDS` (its length, lr, clipping, precision, bookkeeping, how
+it executes), which apply from the step it resumes at; any other changed field is refused, so that
+config.json always records what the run uses. A fresh run refuses an output_dir holding a run
+unless `overwrite=True`. Under torchrun only rank 0 writes, and every rank reads the checkpoint on
+resume: output_dir must be storage all ranks see.
+
+Mistakes in the config or in how it meets the output_dir, the data or the device raise
+`TrainConfigError` before anything is written. A nan/inf loss, gradient norm or weight stops the
+run with a `NonFiniteError` before the step is applied or saved: every checkpoint holds finite
+tensors only.
 
 References: LLaVE (Lan et al. 2025) for the recipe (cosine schedule, warm-up ratio 0.03, global
 batch 256); nanoGPT for the shape of the loop.
@@ -41,13 +49,13 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+import typing
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from numbers import Integral
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +67,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from llave_kit.checkpoints import (
+    CHECKPOINT_FORMAT,
     checkpoint_dir,
+    checkpoint_state,
+    discard,
     gather_rng,
     latest_checkpoint,
     load_checkpoint,
@@ -81,6 +92,24 @@ _RESERVED_LOSS_KWARGS = {
     "alpha": "set it as TrainConfig.alpha",
     "gather_across_devices": "train() turns it on by itself when running distributed",
 }
+# What a resumed run may change; each applies from the step it resumes at. Every other field fixes
+# what the checkpoint was trained for (objective, optimizer, schedule shape, data order, model,
+# data), and a change to it is refused.
+RESUMABLE_FIELDS = frozenset({
+    "max_steps", "epochs",  # the length: the lr schedule is recomputed for the new total
+    "lr", "max_grad_norm", "precision",  # what a non-finite stop advises changing
+    "log_every", "eval_every", "save_every", "keep_last",  # bookkeeping
+    "output_dir", "resume", "overwrite",  # where the run lives (it may have been moved) and how
+    # the same computation on other hardware, memory or loading processes
+    "device", "num_workers", "gradcache_chunk_size", "find_unused_parameters",
+})
+
+
+class TrainConfigError(ValueError):
+    """A mistake in a TrainConfig, or in how it meets the output_dir, the data or the device.
+
+    Raised before anything is written; `llave-kit train` prints it as one line and exits with 2.
+    """
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,12 +174,30 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> TrainConfig:
         """Build from a plain dict (notebook parameters, a YAML file); unknown keys are errors."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys: {', '.join(unknown)}; "
-                             f"known keys: {', '.join(sorted(known))}")
+        cls.check_types(params)
         return cls(**params)
+
+    @classmethod
+    def check_types(cls, fields: Mapping[str, Any]) -> None:
+        """Raise TrainConfigError, one line naming field, value and expected type, for the first
+        unknown key or value of the wrong type in `fields` (any subset of the fields).
+
+        bool fields take only true/false (YAML's "false" in quotes is a string, and truthy);
+        integer fields only integers; number fields ints, floats or numeric strings (YAML 1.1 reads
+        1e-3 as a string), finite; None only where the field is optional. loss_kwargs values are
+        checked against the parameter types of `loss` (from `fields`, else the default).
+        """
+        hints = _field_types()
+        unknown = sorted(set(fields) - set(hints))
+        if unknown:
+            raise TrainConfigError(f"unknown TrainConfig keys: {', '.join(unknown)}; "
+                                   f"known keys: {', '.join(sorted(hints))}")
+        for name, value in fields.items():
+            _check_type(name, value, hints[name])
+        loss_types = _loss_parameter_types(fields.get("loss", cls.loss))
+        for name, value in fields.get("loss_kwargs", {}).items():
+            if name in loss_types:  # an unknown name is make_loss's to report
+                _check_type(f"loss_kwargs.{name}", value, loss_types[name])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,42 +207,26 @@ class TrainConfig:
         return {"temperature": self.temperature, **alpha, **self.loss_kwargs}
 
     def __post_init__(self) -> None:
-        self._coerce_floats()
-        self._check_integers()
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        self.check_types(fields)  # also for TrainConfig(...) called directly
+        hints, loss_types = _field_types(), _loss_parameter_types(self.loss)
+        for name, value in fields.items():
+            setattr(self, name, _as_declared(value, hints[name]))
+        self.loss_kwargs = {name: _as_declared(value, loss_types.get(name))
+                            for name, value in self.loss_kwargs.items()}
         self._check_ranges()
         if self.precision not in PRECISIONS:
-            raise ValueError(
+            raise TrainConfigError(
                 f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not isinstance(self.loss_kwargs, dict):
-            raise ValueError(f"loss_kwargs must be a dict, got {type(self.loss_kwargs).__name__}")
+            raise TrainConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for key, why in _RESERVED_LOSS_KWARGS.items():
             if key in self.loss_kwargs:
-                raise ValueError(f"loss_kwargs may not hold {key!r}: {why}")
-        make_loss(self.loss, **self.loss_parameters())  # fail now on a bad name or parameter
-
-    def _coerce_floats(self) -> None:
-        # YAML 1.1 reads "1e-3" (no dot) as a string; accept numeric strings for float fields.
-        for name in ("temperature", "alpha", "lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    setattr(self, name, float(value))
-                except ValueError:
-                    raise ValueError(f"{name} must be a number, got {value!r}") from None
-
-    def _check_integers(self) -> None:
-        # A YAML file or KEY=VALUE may hand over a string; say so here rather than fail on a
-        # comparison below or deep inside the loop.
-        optional = ("max_steps", "save_every", "eval_every", "gradcache_chunk_size")
-        for name in ("epochs", "batch_size", "grad_accum_steps", "seed", "num_workers",
-                     "log_every", "keep_last", *optional):
-            value = getattr(self, name)
-            if value is None and name in optional:
-                continue
-            if not isinstance(value, Integral) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+                raise TrainConfigError(f"loss_kwargs may not hold {key!r}: {why}")
+        try:  # fail now on a bad parameter or combination (alpha for a loss without one)
+            make_loss(self.loss, **self.loss_parameters())
+        except ValueError as error:
+            raise TrainConfigError(str(error)) from None
 
     def _check_ranges(self) -> None:
         rules = [
@@ -213,7 +244,72 @@ class TrainConfig:
             rules.append(("max_grad_norm", self.max_grad_norm > 0, "> 0 or None"))
         for name, ok, expected in rules:
             if not ok:
-                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+                raise TrainConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+
+# Per base type: what a value must be, in words, and the test it must pass.
+_KINDS: dict[type, tuple[str, Callable[[Any], bool]]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, Integral) and not isinstance(v, bool)),
+    float: ("a finite number", lambda v: math.isfinite(_as_number(v))),
+    str: ("a string", lambda v: isinstance(v, str)),
+    dict: ("a mapping", lambda v: isinstance(v, dict)),
+}
+
+
+def _as_number(value: Any) -> float:
+    """value as a float, nan when it is no number (a bool counts as none)."""
+    if isinstance(value, Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return math.nan
+
+
+def _split_optional(hint: Any) -> tuple[type, bool]:
+    """`float | None` -> (float, True); `int` -> (int, False)."""
+    args = typing.get_args(hint)
+    if not args:
+        return hint, False
+    (base,) = [a for a in args if a is not type(None)]
+    return base, type(None) in args
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    base, optional = _split_optional(hint)
+    if value is None and optional:
+        return
+    words, ok = _KINDS[base]
+    if not ok(value):
+        expected = base.__name__ + (" or null" if optional else "")
+        raise TrainConfigError(f"{name} must be {words}, got {value!r} "
+                               f"(type {type(value).__name__}; expected {expected})")
+
+
+def _as_declared(value: Any, hint: Any) -> Any:
+    """A checked value as its declared type: a numeric string or int becomes a float, a numpy
+    integer an int (config.json, a JSON file, can hold only those)."""
+    base = _split_optional(hint)[0] if hint is not None else None
+    if value is not None and base in (int, float):
+        return base(value)
+    return value
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _loss_parameter_types(loss: Any) -> dict[str, Any]:
+    """The annotated types of a loss's parameters; empty for a loss name that is no string."""
+    if not isinstance(loss, str):
+        return {}  # the loss field's own check names the mistake
+    try:
+        return typing.get_type_hints(make_loss(loss).loss_fn)
+    except ValueError as error:  # an unknown loss name
+        raise TrainConfigError(str(error)) from None
 
 
 @dataclass
@@ -225,16 +321,47 @@ class TrainResult:
     output_dir: Path
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss (or the embeddings it is computed from) became nan/inf; the run stops there."""
+class NonFiniteError(RuntimeError):
+    """Training produced nan/inf at `step`; the run stops before applying or saving it.
 
-    def __init__(self, step: int, value: float, checkpoint: Path | None):
+    `checkpoint`: the newest checkpoint (every saved tensor finite), or None. Each subclass says
+    `what` went non-finite.
+    """
+
+    what: str
+
+    def __init__(self, step: int, value: Any, checkpoint: Path | None):
         self.step, self.value, self.checkpoint = step, value, checkpoint
-        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint yet"
-        super().__init__(
-            f"non-finite loss ({value}) at step {step}; the step was not applied and {kept}. "
-            "Lower lr, check the data, or use precision='fp32', then resume=True."
-        )
+        # A checkpoint with finite weights may still hold a run that had diverged before (an lr
+        # so high that the weights exploded): only its metrics tell, so the advice names both ways.
+        if checkpoint is not None:
+            advice = (f"The last checkpoint (all finite) is {checkpoint}: if the run was healthy "
+                      "until then (metrics.jsonl), resume from it with resume=True and a lower lr, "
+                      "a max_grad_norm or precision='fp32' (these may change on resume); "
+                      "otherwise start afresh with overwrite=True and a lower lr")
+        else:
+            advice = ("No checkpoint was saved before it: start afresh with overwrite=True and a "
+                      "lower lr or precision='fp32'")
+        super().__init__(f"{self.what.format(step=step, value=value)}. {advice}, after checking "
+                         "the data and the loss's temperature.")
+
+
+class NonFiniteLossError(NonFiniteError):
+    """The loss (or the embeddings it is computed from) became nan/inf."""
+
+    what = "non-finite loss ({value}) at step {step}; the step was not applied"
+
+
+class NonFiniteGradientError(NonFiniteError):
+    """The gradient norm became nan/inf (clipping would zero the update, or apply nan)."""
+
+    what = "non-finite gradient norm ({value}) at step {step}; the step was not applied"
+
+
+class NonFiniteStateError(NonFiniteError):
+    """A weight or optimizer tensor became nan/inf; `value` names the first one."""
+
+    what = "non-finite values in {value} after step {step}; it was not saved"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,12 +401,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _global_mean(value: torch.Tensor) -> float:
+def _sum_over_ranks(values: list[torch.Tensor], device: torch.device) -> list[float]:
+    """Each scalar summed over ranks, in one all-reduce (gloo has no AVG; nccl needs `device`)."""
+    stacked = torch.stack([v.detach().float().to(device) for v in values])
     if is_distributed():
-        value = value.clone()
-        dist.all_reduce(value)  # SUM: gloo has no AVG
-        value /= world_size()
-    return value.item()
+        dist.all_reduce(stacked)
+    return stacked.tolist()
 
 
 def _barrier() -> None:
@@ -323,11 +450,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
-    warmup = math.ceil(config.warmup_ratio * total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, config.schedule)
-    )
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    return math.ceil(config.warmup_ratio * total_steps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,8 +463,8 @@ def batches_per_epoch(dataset_size: int, batch_size: int, num_processes: int) ->
     # batch is dropped too, so every contrastive batch has the same number of negatives.
     per_epoch = (dataset_size // num_processes) // batch_size
     if per_epoch == 0:
-        raise ValueError(f"the dataset has {dataset_size} items: fewer than one batch of "
-                         f"{batch_size} for each of {num_processes} process(es)")
+        raise TrainConfigError(f"the dataset has {dataset_size} items: fewer than one batch of "
+                               f"{batch_size} for each of {num_processes} process(es)")
     return per_epoch
 
 
@@ -349,8 +473,8 @@ def total_steps(config: TrainConfig, per_epoch: int) -> int:
         return config.max_steps
     steps = config.epochs * per_epoch // config.grad_accum_steps
     if steps == 0:
-        raise ValueError(f"{config.epochs} epoch(s) of {per_epoch} batches make no optimizer step "
-                         f"with grad_accum_steps={config.grad_accum_steps}")
+        raise TrainConfigError(f"{config.epochs} epoch(s) of {per_epoch} batches make no "
+                               f"optimizer step with grad_accum_steps={config.grad_accum_steps}")
     return steps
 
 
@@ -425,7 +549,6 @@ class _Run:
     net: nn.Module
     loss_fn: Callable
     optimizer: torch.optim.Optimizer
-    scheduler: Any
     scaler: Any
     output_dir: Path
     total_steps: int
@@ -442,10 +565,17 @@ class _Run:
         loss = loss / self.config.grad_accum_steps
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
+    def lr(self, step: int) -> float:
+        """The lr of optimizer step `step` (1-based). A function of the config and the step alone,
+        with no scheduler state, so a resumed run follows its own lr and length."""
+        warmup = warmup_steps(self.config, self.total_steps)
+        return self.config.lr * lr_factor(step - 1, self.total_steps, warmup, self.config.schedule)
+
 
 def _check_precision(config: TrainConfig, device: torch.device) -> None:
     if config.precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision='fp16' needs CUDA (a GradScaler); use 'bf16' or 'fp32' on CPU")
+        raise TrainConfigError(
+            "precision='fp16' needs CUDA (a GradScaler); use 'bf16' or 'fp32' on CPU")
 
 
 def _build_run(config, model, dataset, loss_fn) -> _Run:
@@ -463,79 +593,134 @@ def _build_run(config, model, dataset, loss_fn) -> _Run:
     return _Run(
         config, runtime, model, net,
         loss_fn if loss_fn is not None else build_loss(config, gather=runtime.world_size > 1),
-        optimizer, build_scheduler(optimizer, config, steps),
-        torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
+        optimizer, torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
         Path(config.output_dir), steps, per_epoch)
 
 
-def _prepare_output_dir(config: TrainConfig, runtime: Runtime, out: Path) -> None:
-    has_run = (out / "metrics.jsonl").exists() or latest_checkpoint(out) is not None
-    if has_run and not config.resume and not config.overwrite:
-        raise ValueError(f"{out} already holds a run; pass resume=True to continue it, "
-                         "overwrite=True to replace it, or choose another output_dir")
+def _open_output_dir(run: _Run) -> tuple[Path, dict] | None:
+    """Check the output_dir against the config, then clear or keep it and write config.json.
+
+    Returns the checkpoint to resume from and its state, or None. Every check comes before any
+    write, so a refused run leaves the output_dir as it was.
+    """
+    config, out = run.config, run.output_dir
+    newest = latest_checkpoint(out)
+    if ((out / "metrics.jsonl").exists() or newest is not None) and not (config.resume
+                                                                          or config.overwrite):
+        raise TrainConfigError(f"{out} already holds a run; pass resume=True to continue it, "
+                               "overwrite=True to replace it, or choose another output_dir")
+    resume_from = None
+    if config.resume and newest is not None:
+        resume_from = newest, checkpoint_state(newest)
+        _check_resumable(run, *resume_from)
     _barrier()  # every rank has looked before the main process deletes anything
-    if runtime.is_main:
+    if run.runtime.is_main:
         if not config.resume:
+            for name in ("checkpoints", "final"):  # first: a kill half-way leaves no checkpoint
+                if (out / name).exists():
+                    discard(out / name)
             for name in ("metrics.jsonl", "eval.jsonl"):
                 (out / name).unlink(missing_ok=True)
-            for name in ("checkpoints", "final"):
-                shutil.rmtree(out / name, ignore_errors=True)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         remove_partial_saves(out)
         write_text(out / "config.json", json.dumps(config.to_dict(), indent=1))
     _barrier()
+    return resume_from
 
 
-def _restore(run: _Run) -> tuple[int, float, Path | None]:
-    """(step to continue from, elapsed seconds so far, checkpoint) after seeding or resuming."""
+def _check_resumable(run: _Run, checkpoint: Path, state: dict) -> None:
+    """Refuse a checkpoint this run cannot continue: another format, process count or length, or
+    a changed field outside RESUMABLE_FIELDS (each named with its old and new value)."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainConfigError(f"cannot resume {checkpoint}: its format is "
+                               f"{state.get('format')!r}, this kit reads {CHECKPOINT_FORMAT!r}")
+    if state["world_size"] != run.runtime.world_size:
+        raise TrainConfigError(f"cannot resume {checkpoint}: it was trained by "
+                               f"{state['world_size']} process(es), this run has "
+                               f"{run.runtime.world_size}")
+    current = run.config.to_dict()
+    changed = [f"{key}={old!r} -> {current[key]!r}" for key, old in state["config"].items()
+               if key in current and key not in RESUMABLE_FIELDS and old != current[key]]
+    if changed:
+        raise TrainConfigError(
+            f"cannot resume {checkpoint} with a changed config: {', '.join(changed)}. Restore "
+            "those values, or start afresh (overwrite=True or another output_dir); a resumed "
+            f"run may change only {', '.join(sorted(RESUMABLE_FIELDS))}")
+    if state["step"] > run.total_steps:
+        raise TrainConfigError(f"cannot resume {checkpoint}: it is at step {state['step']}, "
+                               f"beyond this config's {run.total_steps} steps")
+
+
+def _restore(run: _Run, resume_from: tuple[Path, dict] | None) -> tuple[int, float]:
+    """(step to continue from, elapsed seconds so far) after seeding or resuming."""
     seed_everything(run.config.seed + run.runtime.rank)  # ranks draw different dropout masks
-    checkpoint = latest_checkpoint(run.output_dir) if run.config.resume else None
-    if checkpoint is None:
-        return 0, 0.0, None
-    info = load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler, run.scaler,
-                           run.runtime)
-    saved = info["config"]
-    for key in ("seed", "batch_size", "grad_accum_steps"):  # they fix the data order
-        if saved[key] != getattr(run.config, key):
-            raise ValueError(f"cannot resume {checkpoint}: it was trained with "
-                             f"{key}={saved[key]!r}, this config has {getattr(run.config, key)!r}")
-    return info["step"], info["elapsed_s"], checkpoint
+    if resume_from is None:
+        return 0, 0.0
+    checkpoint, state = resume_from
+    load_checkpoint(checkpoint, state, run.model, run.optimizer, run.scaler, run.runtime)
+    return state["step"], state["elapsed_s"]
 
 
 def _train_step(run: _Run, batches: Iterator[dict], step: int, checkpoint: Path | None) -> dict:
-    """One optimizer step over grad_accum_steps batches; the metrics record (step is 1-based)."""
+    """One optimizer step over grad_accum_steps batches; the metrics record (step is 1-based).
+
+    The loss and the gradient norm are checked on every rank together, before the update: a
+    nan/inf raises and the model keeps its last finite weights.
+    """
     start, steps = time.perf_counter(), run.config.grad_accum_steps
     run.model.train()
-    lr = run.scheduler.get_last_lr()[0]  # the lr this step uses
+    lr = run.lr(step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
     loss = torch.zeros((), device=run.runtime.device)
     for i in range(steps):
         loss += contrastive_backward(
             run.net, run.loss_fn, next(batches), chunk_size=run.config.gradcache_chunk_size,
             loss_scale=run.loss_scale, autocast=run.autocast, sync=i == steps - 1)
-    loss_value = _global_mean(loss / steps)
-    if not math.isfinite(loss_value):  # before the update: the model keeps its last good weights
+    grad_norm = _unscale_and_clip(run)
+    loss_sum, norm_sum = _sum_over_ranks([loss / steps, grad_norm], run.runtime.device)
+    loss_value = loss_sum / run.runtime.world_size
+    if not math.isfinite(loss_value):
         raise NonFiniteLossError(step, loss_value, checkpoint)
-    grad_norm = _optimizer_step(run)
-    examples = run.config.batch_size * steps * run.runtime.world_size
-    return {"step": step, "epoch": step * steps / run.per_epoch, "loss": loss_value, "lr": lr,
-            "grad_norm": grad_norm, "examples_per_s": examples / (time.perf_counter() - start)}
-
-
-def _optimizer_step(run: _Run) -> float:
-    """Unscale, clip, step, advance the schedule; return the gradient norm before clipping."""
-    if run.scaler is not None:
-        run.scaler.unscale_(run.optimizer)
-    params = [p for group in run.optimizer.param_groups for p in group["params"]]
-    max_norm = run.config.max_grad_norm or math.inf  # inf: only measure the norm
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # Under fp16 an overflowing gradient is the GradScaler's to skip (it lowers the scale).
+    if run.scaler is None and not math.isfinite(norm_sum):
+        raise NonFiniteGradientError(step, norm_sum / run.runtime.world_size, checkpoint)
     if run.scaler is not None:
         run.scaler.step(run.optimizer)  # skips the step when fp16 gradients overflowed
         run.scaler.update()
     else:
         run.optimizer.step()
-    run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item()  # the same on every rank: DDP has averaged the gradients
+    examples = run.config.batch_size * steps * run.runtime.world_size
+    # grad_norm is the same on every rank: DDP has averaged the gradients
+    return {"step": step, "epoch": step * steps / run.per_epoch, "loss": loss_value, "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "examples_per_s": examples / (time.perf_counter() - start)}
+
+
+def _unscale_and_clip(run: _Run) -> torch.Tensor:
+    """Unscale (fp16), clip; return the gradient norm before clipping."""
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    max_norm = run.config.max_grad_norm or math.inf  # inf: only measure the norm
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _first_non_finite(run: _Run) -> str | None:
+    """The first weight or optimizer tensor holding nan/inf on any rank, by name; None if none."""
+    names = {id(p): name for name, p in run.model.named_parameters()}
+    tensors = [(name, value) for name, value in run.model.state_dict().items()]
+    tensors += [(f"the optimizer state of {names.get(id(p), 'a parameter')}", value)
+                for p, state in run.optimizer.state.items() for value in state.values()
+                if torch.is_tensor(value)]
+    device = run.runtime.device
+    finite = torch.stack([torch.isfinite(value).all().to(device) for _, value in tensors]).tolist()
+    bad = [name for (name, _), ok in zip(tensors, finite) if not ok]
+    (bad_anywhere,) = _sum_over_ranks([torch.tensor(float(bool(bad)))], device)
+    if not bad_anywhere:
+        return None
+    return bad[0] if bad else "another process's weights"
 
 
 def _evaluate(run: _Run, eval_fn: Callable, step: int) -> dict:
@@ -550,7 +735,11 @@ def _evaluate(run: _Run, eval_fn: Callable, step: int) -> dict:
     return {"step": step, **metrics}
 
 
-def _save(run: _Run, step: int, elapsed: float) -> Path:
+def _save(run: _Run, step: int, elapsed: float, checkpoint: Path | None) -> Path:
+    """Write step's checkpoint, if every tensor in it is finite; return its path."""
+    bad = _first_non_finite(run)
+    if bad is not None:
+        raise NonFiniteStateError(step, bad, checkpoint)
     rng_states = gather_rng(run.runtime)
     path = checkpoint_dir(run.output_dir, step)
     if run.runtime.is_main:
@@ -559,8 +748,8 @@ def _save(run: _Run, step: int, elapsed: float) -> Path:
         info = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "world_size": run.runtime.world_size, "elapsed_s": elapsed,
                 "config": run.config.to_dict()}
-        save_checkpoint(path, run.model, run.optimizer, run.scheduler, run.scaler, info,
-                        rng_states, run.config.keep_last)
+        save_checkpoint(path, run.model, run.optimizer, run.scaler, info, rng_states,
+                        run.config.keep_last)
     _barrier()
     return path
 
@@ -572,12 +761,15 @@ def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable |
     dataset: a map-style dataset of train-pair dicts (`llave_kit.data.TrainPairDataset`);
     collate_fn: default `llave_kit.data.collate_train_pairs`; eval_fn(model) -> {metric: value},
     logged to eval.jsonl; loss_fn(query, target) -> scalar replaces the configured loss (it must
-    gather across devices itself under torchrun). Raises NonFiniteLossError on a nan/inf loss.
+    gather across devices itself under torchrun). Raises TrainConfigError (before writing
+    anything) on a config that does not fit the output_dir, data or device, and a NonFiniteError
+    on a nan/inf loss, gradient norm or weight.
     """
     collate_fn = collate_fn or collate_train_pairs
     run = _build_run(config, model, dataset, loss_fn)
-    _prepare_output_dir(config, run.runtime, run.output_dir)
-    start_step, elapsed, checkpoint = _restore(run)
+    resume_from = _open_output_dir(run)
+    start_step, elapsed = _restore(run, resume_from)
+    checkpoint = resume_from[0] if resume_from is not None else None
     kept = start_step if checkpoint is not None else -1  # records the checkpoint already covers
     metrics = JsonlLog(run.output_dir / "metrics.jsonl", run.runtime.is_main, kept)
     evals = JsonlLog(run.output_dir / "eval.jsonl", run.runtime.is_main, kept)
@@ -599,7 +791,7 @@ def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable |
         if eval_fn is not None and (last or (config.eval_every and step % config.eval_every == 0)):
             evals.append(_evaluate(run, eval_fn, step))
         if last or (config.save_every and step % config.save_every == 0):
-            checkpoint = _save(run, step, time.perf_counter() - clock)
+            checkpoint = _save(run, step, time.perf_counter() - clock, checkpoint)
     final = run.output_dir / "final"
     if run.runtime.is_main:
         save_final_model(model, run.output_dir)

@@ -80,6 +80,10 @@ def test_train_two_steps_by_either_entry_point(config, tmp_path, module, command
     (["train", "--config", "{config}", "max_steps"], "'max_steps' is not KEY=VALUE"),
     (["train", "--config", "{config}", "bogus=1"], "unknown TrainConfig keys: bogus"),
     (["train", "--config", "{config}", "batch_size=[4,"], "the value is not YAML"),
+    (["train", "--config", "{config}", "resume=maybe"],
+     "resume must be true or false, got 'maybe' (type str; expected bool)"),
+    (["train", "--config", "{config}", 'loss_kwargs={{symmetric: "no"}}'],
+     "loss_kwargs.symmetric must be true or false, got 'no'"),
     (["train", "--config", "{tmp}/missing.yaml"], "missing.yaml: No such file"),
     (["run-pipeline", "{config}", "--set", "seeds"], "'seeds' is not KEY=VALUE"),
     (["make-data", "scenes", "{scenes}", "--n-train", "9"], "exists and is not empty"),
@@ -90,6 +94,45 @@ def test_a_user_error_prints_one_line_and_exits_2(args, message, config, scenes,
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
     assert message in done.stderr
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_config_that_does_not_fit_the_run_prints_one_line_exits_2_and_leaves_the_run(config,
+                                                                                       tmp_path):
+    """`overwrite: "false"` (a string, so truthy) used to delete the run it was meant to keep;
+    train()'s own refusals (a run already there, a resume with another loss, fp16 on a CPU) used
+    to end in a traceback."""
+    done = llave_kit("train", "--config", config, "max_steps=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = snapshot(tmp_path / "run")
+    quoted = tmp_path / "quoted.yaml"
+    quoted.write_text(config.read_text() + 'overwrite: "false"\n')
+    cases = [
+        ([quoted, "max_steps=2"], "overwrite must be true or false, got 'false'"),
+        ([config, "max_steps=2"], "already holds a run; pass resume=True"),
+        ([config, "max_steps=4", "resume=true", "loss=info_nce"],
+         "changed config: loss='hardness_weighted' -> 'info_nce'"),
+        ([config, "overwrite=true", "precision=fp16", "device=cpu"], "precision='fp16' needs CUDA"),
+    ]
+    for args, message in cases:
+        done = llave_kit("train", "--config", *args)
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+        assert message in done.stderr
+        assert snapshot(tmp_path / "run") == before
+
+
+def test_a_run_stopped_by_a_non_finite_gradient_prints_one_line_and_exits_1(config):
+    done = llave_kit("train", "--config", config, "temperature=1e-30")
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr
+    assert errors[0].startswith("error: non-finite gradient norm (inf) at step 1; the step was not "
+                                "applied. No checkpoint was saved before it")
 
 
 # --------------------------------------------------------------------------------------------------
