@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIPELINE ?= pipelines/cpu_demo.yaml
 BIN := $(VENV)/bin
 
-.PHONY: setup test reproduce pretrain benchmark clean
+.PHONY: setup test lint reproduce pretrain benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/python -m ruff check .
 
 reproduce: setup
 	$(BIN)/python -m llave_kit run-pipeline $(PIPELINE)
@@ -38,3 +41,32 @@ benchmark: setup
 
 clean:
 	rm -rf runs .pytest_cache
+
+# JupyterLab at the repository root, so the notebooks, figures/ and the summaries can all be
+# browsed. LAB_ARGS passes options on, e.g. LAB_ARGS="--no-browser --port 8890".
+LAB_ARGS ?=
+# jupyter refuses to run as root unless told; containers often run as root.
+ROOT_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root)
+# browser-check: the Chromium to drive (Playwright only drives it; no `playwright install`), and
+# options for scripts/browser_check.py, e.g. BROWSER_CHECK_ARGS="--notebooks 00 01 --timeout 600".
+CHROMIUM ?= /usr/bin/chromium
+BROWSER_CHECK_ARGS ?=
+
+.PHONY: lab browser-check
+
+$(VENV)/.installed-lab: $(VENV)/.installed
+	$(BIN)/python -m pip install -e ".[lab]"
+	touch $@
+
+$(VENV)/.installed-browser: $(VENV)/.installed
+	$(BIN)/python -m pip install -e ".[lab,browser]"
+	touch $@
+
+lab: $(VENV)/.installed-lab
+	$(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" $(ROOT_ARGS) $(LAB_ARGS)
+
+# Runs every notebook in JupyterLab in headless Chromium and checks what shows (not part of `make
+# test`: it needs a browser and runs the studies, about as long as `make reproduce`).
+browser-check: $(VENV)/.installed-browser
+	@test -x "$(CHROMIUM)" || { echo "browser-check: no Chromium at $(CHROMIUM): install it with 'apt-get install -y chromium' (Debian/Ubuntu) or set CHROMIUM=/path/to/chromium" >&2; exit 1; }
+	CHROMIUM="$(CHROMIUM)" $(BIN)/python scripts/browser_check.py $(BROWSER_CHECK_ARGS)
