@@ -435,7 +435,7 @@ def plot_gradient_share(
                         high + 0.04 * (high - visible.min()))
         where = "Where the push on negatives goes"
         ax.set(xlabel="similarity of the negative $s_{ij}$", ylabel="share of negative gradient",
-               title=f"{where} (τ = {temperature:g})" if temperature is not None else where)
+               title=f"{where} (τ = {temperature:.3g})" if temperature is not None else where)
         _shared_legend([ax])
     return fig
 
