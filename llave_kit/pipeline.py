@@ -577,6 +577,7 @@ def run_pipeline(pipeline: Pipeline, force: bool = False, log=None) -> list[Outc
                 outcome = _execute(pipeline, run, parameters, declared, fingerprint)
             outcomes[run.name] = outcome
             log(f"{prefix}: {_describe(outcome)}")
+        pipeline.delete(pipeline.figures_dir / ".staging")  # each run's staging folder has gone
         finished = datetime.now().astimezone()
         record = summary_record(pipeline, list(outcomes.values()), finished)
         write_text(pipeline.figures_dir / "summary.json", json.dumps(record, indent=1, allow_nan=False) + "\n")

@@ -59,6 +59,7 @@ def test_every_notebook_runs_in_the_pipeline(executed):
     failed = {o.run.name: o.error for o in outcomes if o.status != "ran"}
     assert not failed, failed
     assert {o.run.notebook.name for o in outcomes} == {path.name for path in NOTEBOOKS}
+    assert not (pipeline.figures_dir / ".staging").exists()  # no leftover beside the figures
 
 
 def test_summary_reports_the_metrics_the_notebooks_recorded(executed):
