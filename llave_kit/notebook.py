@@ -41,11 +41,12 @@ def project_root(folder: str | os.PathLike | None = None) -> Path:
     return here
 
 
-def start(checkpoints: Iterable[str] = (), data: str | None = None) -> Path:
+def start(checkpoints: Iterable[str] = (), data: str | None = None) -> None:
     """Work from the project root, show whole table cells, and check the notebook's inputs.
 
     checkpoints: model names, folders or hub ids the notebook loads; data: "scenes", "digits"
-    or an MMEB folder. Raises MissingInputError naming the first missing input. Returns the root.
+    or an MMEB folder. Raises MissingInputError naming the first missing input. Returns nothing,
+    so the cell that calls it last shows no path.
     """
     root = project_root()
     os.chdir(root)
@@ -56,4 +57,3 @@ def start(checkpoints: Iterable[str] = (), data: str | None = None) -> Path:
     if data is not None and data not in BUILT_IN_DATA and not Path(data).expanduser().is_dir():
         raise MissingInputError(f"data folder {data} does not exist (from {root}): give an MMEB "
                                 f"folder or one of {list(BUILT_IN_DATA)}.")
-    return root
