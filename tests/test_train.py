@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from distributed_helpers import run_distributed
 from safetensors.torch import load_file
-from tiny_training import TinyEmbedder, collate, make_items
+from tiny_training import FaultAtCall, TinyEmbedder, collate, make_items
 
 from llave_kit import train as train_module
 from llave_kit.checkpoints import latest_checkpoint
@@ -271,20 +271,6 @@ def test_a_save_killed_half_way_is_ignored_then_cleaned_up(tmp_path):
     assert [p.name for p in out.rglob(".*")] == []  # no staging folder or temporary file is left
 
 
-class NanAtCall(nn.Module):
-    """A loss that turns nan on its n-th call (the kind of blow-up a too-high lr produces)."""
-
-    def __init__(self, call: int):
-        super().__init__()
-        self.call, self.calls = call, 0
-        self.loss = make_loss("info_nce", temperature=0.1)
-
-    def forward(self, query, target):
-        self.calls += 1
-        value = self.loss(query, target)
-        return value * float("nan") if self.calls == self.call else value
-
-
 def nan_embeddings_at_call(model: TinyEmbedder, call: int) -> TinyEmbedder:
     encode, calls = model.encode, [0]
 
@@ -302,7 +288,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     cfg = config(tmp_path, max_steps=8, save_every=2)
     model, loss_fn = TinyEmbedder(), None
     if source == "loss":
-        loss_fn = NanAtCall(5)
+        loss_fn = FaultAtCall(5)
     else:
         model = nan_embeddings_at_call(model, 2 * 5)  # two encode calls a step: step 5's targets
     with pytest.raises(NonFiniteLossError, match="at step 5") as error:

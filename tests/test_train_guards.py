@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from distributed_helpers import run_distributed
 from safetensors.torch import load_file
-from tiny_training import TinyEmbedder, collate, make_items
+from tiny_training import FaultAtCall, TinyEmbedder, collate, make_items
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import llave_kit
@@ -231,38 +230,11 @@ def test_under_ddp_every_rank_stops_at_a_non_finite_gradient_any_rank_sees(tmp_p
         (2, math.inf, "step_00000001")] * 2
 
 
-class GradientBlowUp(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by inf."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * math.inf
-
-
-class InfiniteGradientAtCall(nn.Module):
-    """A finite loss whose n-th call sends back an infinite gradient."""
-
-    def __init__(self, call: int):
-        super().__init__()
-        self.call, self.calls = call, 0
-        self.loss = make_loss("info_nce", temperature=0.1)
-
-    def forward(self, query, target):
-        self.calls += 1
-        if self.calls == self.call:
-            query = GradientBlowUp.apply(query)
-        return self.loss(query, target)
-
-
 def test_an_infinite_gradient_mid_run_keeps_the_last_finite_checkpoint(tmp_path):
     cfg = TrainConfig.from_dict(params(tmp_path, max_steps=8, save_every=2))
     model = TinyEmbedder()
     with pytest.raises(NonFiniteGradientError, match="at step 5") as error:
-        train(cfg, model, make_items(32), collate_fn=collate, loss_fn=InfiniteGradientAtCall(5))
+        train(cfg, model, make_items(32), collate_fn=collate, loss_fn=FaultAtCall(5, "inf gradient"))
     out = tmp_path / "run"
     assert error.value.checkpoint == out / "checkpoints" / "step_00000004"
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
@@ -325,22 +297,11 @@ def test_non_finite_weights_or_optimizer_state_are_never_saved(tmp_path, poisone
 def test_the_advice_after_a_non_finite_stop_works_resume_with_a_lower_lr(tmp_path):
     """The error says: resume from the last checkpoint with a lower lr. That run really uses it."""
 
-    class NanAtCall(nn.Module):
-        def __init__(self, call):
-            super().__init__()
-            self.call, self.calls = call, 0
-            self.loss = make_loss("hardness_weighted", temperature=0.1, alpha=3.0)
-
-        def forward(self, query, target):
-            self.calls += 1
-            value = self.loss(query, target)
-            return value * math.nan if self.calls == self.call else value
-
     made = params(tmp_path, max_steps=6, save_every=2, lr=1e-1)
     with pytest.raises(NonFiniteLossError, match="resume from it with resume=True and a lower "
                        "lr, a max_grad_norm or precision='fp32' \\(these may change on resume\\)"):
         train(TrainConfig.from_dict(made), TinyEmbedder(), make_items(32), collate_fn=collate,
-              loss_fn=NanAtCall(5))
+              loss_fn=FaultAtCall(5, loss=make_loss("hardness_weighted", temperature=0.1, alpha=3.0)))
     result = train(TrainConfig.from_dict(made | {"resume": True, "lr": 1e-2}), TinyEmbedder(),
                    make_items(32), collate_fn=collate)
     warmup = math.ceil(0.2 * 6)

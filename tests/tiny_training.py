@@ -5,6 +5,7 @@ training run takes seconds without the real encoders or data modules.
 """
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -12,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+from llave_kit.losses import make_loss
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
 SHAPES = ["cube", "ball", "cone", "ring", "star"]
@@ -81,3 +84,33 @@ def collate(items: list[dict]) -> dict:
         "neg_texts": [it["neg_text"] or "" for it in negs],
         "neg_images": [it["neg_image"] for it in negs],
     }
+
+
+class _TimesInfGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by inf."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+class FaultAtCall(nn.Module):
+    """A loss whose `call`-th call goes wrong: its value turns nan ("nan loss", the kind of blow-up
+    a too-high lr produces) or stays finite with an infinite gradient ("inf gradient")."""
+
+    def __init__(self, call: int, fault: str = "nan loss", loss: nn.Module | None = None):
+        super().__init__()
+        self.call, self.calls, self.fault = call, 0, fault
+        self.loss = loss or make_loss("info_nce", temperature=0.1)
+
+    def forward(self, query, target):
+        self.calls += 1
+        hit = self.calls == self.call
+        if hit and self.fault == "inf gradient":
+            query = _TimesInfGradient.apply(query)
+        value = self.loss(query, target)
+        return value * math.nan if hit and self.fault == "nan loss" else value
