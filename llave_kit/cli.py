@@ -87,9 +87,9 @@ def _train(args: argparse.Namespace) -> int:
                          "(a data set folder or a train jsonl) to train from the command line")
     try:
         if Path(config.data).is_dir():
-            dataset = load_manifest(config.data).train_dataset()  # images under its root
+            dataset = load_manifest(config.data).train_dataset(on_error=config.on_error)
         else:
-            dataset = TrainPairDataset(config.data, config.image_root)
+            dataset = TrainPairDataset(config.data, config.image_root, on_error=config.on_error)
         model = load_embedder(config.model)
     except (OSError, ValueError) as error:
         raise UsageError(str(error)) from None  # it names the file or model

@@ -622,6 +622,14 @@ MMEB_META_TASKS = {
 }
 
 
+# The 20 data sets MMEB-train covers; the other 16 are out of distribution (VLM2Vec, Table 2).
+MMEB_IN_DISTRIBUTION = frozenset([
+    "ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397",
+    "OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W",
+    "VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t", "NIGHTS",
+    "WebQA", "MSCOCO"])
+
+
 def write_mmeb_manifest(root: str | os.PathLike, image_root: str = ".", level: str = "test",
                         meta_tasks: dict[str, str] | None = None) -> DatasetInfo:
     """Write manifest.json (+ vocabulary.txt) for a folder of MMEB files, so studies can use it.

@@ -170,6 +170,9 @@ class TrainConfig:
     model: str | None = None
     data: str | None = None
     image_root: str | None = None
+    # bad records in `data`: "raise" stops at the first (naming file and line), "skip" drops them,
+    # counts them in a warning and in the run's log
+    on_error: str = "raise"
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> TrainConfig:
@@ -218,6 +221,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise TrainConfigError(
                 f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.on_error not in ("raise", "skip"):
+            raise TrainConfigError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.schedule not in SCHEDULES:
             raise TrainConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for key, why in _RESERVED_LOSS_KWARGS.items():
