@@ -8,6 +8,12 @@
 3. takes the final-layer hidden state of the last non-padding token and L2-normalises it:
        e_i = h_i[t_i] / ||h_i[t_i]||,   t_i = max{t : attention_mask[i, t] = 1}.
 
+h is the base model's `last_hidden_state`: the output of the language model's final norm
+(`model.model.language_model.norm`, an RMSNorm, in both families), the state LLaVE and VLM2Vec
+checkpoints were trained on. `hidden_states[-1]` is not used: whether a wrapper returns it before
+or after the final norm has changed between transformers versions and models (VLM2Vec traced a
+reproduction gap on Qwen3-VL to it); in transformers 5.24 it is post-norm for both families.
+
 Real checkpoints load with `LmmEmbedder.from_pretrained(hub_id_or_dir)` (on a GPU machine, e.g.
 "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"). The CPU default, `default_model("tiny-qwen2-vl",
 vocabulary)`, is the same class over a ~0.7M-parameter Qwen2-VL built in code with an offline
@@ -266,7 +272,7 @@ class Embedder(Protocol):
 
 
 class LmmEmbedder(nn.Module):
-    """A vision-language model as an embedder: last-token, final-layer, L2-normalised.
+    """A vision-language model as an embedder: last token, final layer after the final norm, L2.
 
     Args:
         model: a `Qwen2VLForConditionalGeneration` or `LlavaOnevisionForConditionalGeneration`.
@@ -279,8 +285,9 @@ class LmmEmbedder(nn.Module):
 
     Parameters the embedding never uses (an untied LM head, LLaVA-OV's SigLIP post-layernorm)
     are frozen, so that DDP sees no unused trainable parameters. The padding side follows
-    `processor.tokenizer.padding_side`; pooling handles both. DDP must wrap a module whose
-    forward calls `encode` (or this one, called on `tokenize`'s output), so that its hooks run.
+    `processor.tokenizer.padding_side` (saved with the checkpoint); pooling handles both. DDP
+    must wrap a module whose forward calls `encode` (or this one, called on `tokenize`'s output),
+    so that its hooks run.
     """
 
     def __init__(self, model, processor, *, query_instruction=None, target_instruction=None,
@@ -334,7 +341,7 @@ class LmmEmbedder(nn.Module):
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         # Left padding shifts a row's positions by a constant; RoPE (and Qwen2-VL's M-RoPE) only
         # sees relative positions, so the embedding is unchanged and default positions suffice.
-        hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # (N, T, D)
+        hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # (N, T, D), normed
         pooled = last_token_pool(hidden, inputs["attention_mask"])  # (N, D)
         return F.normalize(pooled.to(torch.promote_types(pooled.dtype, torch.float32)), dim=-1)
 
@@ -354,12 +361,23 @@ class LmmEmbedder(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config, safetensors weights, tokenizer, image processor and embedder settings.
 
-        Files are written to a hidden temporary folder inside `directory`, then moved in one by
-        one (os.replace), so an interrupted save leaves no half-written file.
+        `from_pretrained` restores the instructions and the tokenizer's padding side. Files are
+        written to a hidden temporary folder inside `directory`, then moved in one by one
+        (os.replace), so an interrupted save leaves no half-written file.
+
+        Plain transformers loads the model (its model class), the tokenizer (`AutoTokenizer`) and
+        the image processor (`AutoImageProcessor`, the PIL one), but `AutoProcessor` returns only
+        the tokenizer: the saved processor class is the kit's video-less subclass, because the
+        stock `Qwen2VLProcessor` / `LlavaOnevisionProcessor` need a video processor, which needs
+        torchvision. Load with `LmmEmbedder.from_pretrained`, or, with torchvision, build the stock
+        processor from the tokenizer, the image processor and a video processor.
         """
-        directory = os.fspath(directory)
+        directory = os.path.expanduser(os.fspath(directory))
         os.makedirs(directory, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".saving-", dir=directory)
+        tokenizer = self.processor.tokenizer
+        # transformers saves the tokenizer's init kwargs, not a padding side set after construction
+        tokenizer.init_kwargs["padding_side"] = tokenizer.padding_side
         try:
             self.model.save_pretrained(staging)
             self.processor.save_pretrained(staging)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
 
 from llave_kit import encoders
 from llave_kit.encoders import (
@@ -108,6 +109,34 @@ def test_pooled_vector_is_hidden_state_of_last_real_token(embedder):
         torch.testing.assert_close(pooled[i], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_pooled_vector_is_the_final_norm_output_at_the_last_real_token(name, padding_side):
+    embedder = default_model(name, VOCABULARY, hidden_size=HIDDEN)
+    norm = embedder.model.model.language_model.norm  # both families: the text model's RMSNorm
+    with torch.no_grad():  # a new RMSNorm scales by ones: pre- and post-norm directions would agree
+        norm.weight.copy_(torch.linspace(0.2, 3.0, HIDDEN))
+    captured = {}
+    hook = norm.register_forward_hook(
+        lambda module, args, output: captured.update(pre=args[0], post=output))
+    texts, images = _mixed_batch()
+    embedder.processor.tokenizer.padding_side = padding_side
+    batch = embedder.tokenize(texts, images)
+    try:
+        with torch.no_grad():
+            pooled = embedder(batch)  # (N, D)
+    finally:
+        hook.remove()
+    mask = batch["attention_mask"]
+    real_end = 0 if padding_side == "right" else -1  # column that every row holds a token in
+    assert mask[:, real_end].all() and not mask.all()
+    for i in range(len(texts)):
+        last = max(t for t in range(mask.shape[1]) if mask[i, t] == 1)
+        post, pre = captured["post"][i, last], captured["pre"][i, last]
+        torch.testing.assert_close(pooled[i], post / post.norm(), rtol=1e-5, atol=1e-5)
+        assert (pooled[i] - pre / pre.norm()).abs().max() > 1e-2
+
+
 def test_batched_embedding_equals_each_input_run_alone(embedder):
     texts, images = _mixed_batch()
     batched = _encode(embedder, texts, images, padding_side="left")  # right: see the next test
@@ -152,7 +181,7 @@ def test_prompt_puts_image_at_placeholder_or_first():
         *head, "find", "an", "image", "a", "cube", "<|unk|>", *end]
 
 
-def test_instructions_change_the_embedding_and_survive_save(tmp_path):
+def test_instructions_change_the_embedding():
     embedder = default_model("tiny-qwen2-vl", VOCABULARY, hidden_size=HIDDEN)
     embedder.query_instruction = "find an image that matches the caption."
     texts, images = ["a red cube"], [None]
@@ -164,8 +193,6 @@ def test_instructions_change_the_embedding_and_survive_save(tmp_path):
     torch.testing.assert_close(query, explicit, rtol=0, atol=0)
     torch.testing.assert_close(target, plain, rtol=0, atol=0)
     assert (query - plain).abs().max() > 1e-3
-    embedder.save_pretrained(tmp_path)
-    assert LmmEmbedder.from_pretrained(tmp_path).query_instruction == embedder.query_instruction
 
 
 def test_qwen2_vl_images_of_any_size_are_resized_to_the_84x84_budget():
@@ -268,6 +295,47 @@ def test_save_then_from_pretrained_restores_identical_embeddings(name, tmp_path)
     assert all(p.requires_grad for p in _vision_encoder_params(unfrozen))
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_save_round_trips_padding_side_and_instructions(name, tmp_path):
+    embedder = default_model(name, VOCABULARY, hidden_size=HIDDEN)
+    embedder.query_instruction = "find an image that matches the caption."
+    embedder.target_instruction = "represent the given image"
+    texts, images = _mixed_batch()
+    for side in ("left", "right"):  # the tokenizer's default is right
+        embedder.processor.tokenizer.padding_side = side
+        embedder.save_pretrained(tmp_path / side)
+        restored = LmmEmbedder.from_pretrained(tmp_path / side)
+        assert type(restored.processor) is type(embedder.processor)
+        assert restored.processor.tokenizer.padding_side == side
+        assert (restored.query_instruction, restored.target_instruction) == (
+            embedder.query_instruction, embedder.target_instruction)
+        masks = [e.tokenize(texts, images)["attention_mask"] for e in (embedder, restored)]
+        assert torch.equal(*masks) and not masks[0].all()
+        with torch.no_grad():
+            for encode in ("encode_queries", "encode_targets"):
+                torch.testing.assert_close(getattr(restored, encode)(texts, images),
+                                           getattr(embedder, encode)(texts, images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_saved_folder_loads_piecewise_with_transformers_auto_classes(name, tmp_path):
+    embedder = default_model(name, VOCABULARY, hidden_size=HIDDEN)
+    embedder.save_pretrained(tmp_path)
+    text = "find an image that matches the caption. a red cube"
+    expected_ids = embedder.processor.tokenizer(text)["input_ids"]
+    assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == expected_ids
+    image_processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(image_processor) is type(embedder.processor.image_processor)  # the PIL one
+    image = [_image(120, 70, 1)]
+    torch.testing.assert_close(
+        image_processor(image, return_tensors="pt")["pixel_values"],
+        embedder.processor.image_processor(image, return_tensors="pt")["pixel_values"])
+    # as the save_pretrained docstring says: the stock processors need torchvision's video slot
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(processor, PreTrainedTokenizerBase)
+    assert processor(text)["input_ids"] == expected_ids
+
+
 @pytest.mark.parametrize("name", [*MODEL_NAMES, TINY_DUAL])
 def test_every_embedder_provides_the_embedder_protocol(name, tmp_path):
     sizes = {} if name == TINY_DUAL else {"hidden_size": HIDDEN}
@@ -366,9 +434,14 @@ def test_missing_checkpoint_tells_local_folders_from_hub_ids(tmp_path, monkeypat
 
 
 def test_a_checkpoint_path_with_a_tilde_is_expanded(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # an unexpanded "~" would become the folder tmp_path / "~"
     saved = default_model("tiny-qwen2-vl", VOCABULARY, hidden_size=HIDDEN)
-    saved.save_pretrained(tmp_path / "model")
-    loaded = load_embedder("~/model")
+    saved.save_pretrained("~/model")
+    assert (tmp_path / "home" / "model" / "config.json").is_file()
+    assert not (tmp_path / "~").exists()
+    assert missing_checkpoint("~/model") is None
     texts = ["a green cylinder"]
-    torch.testing.assert_close(loaded.encode(texts, [None]), saved.encode(texts, [None]))
+    with torch.no_grad():
+        for loaded in (LmmEmbedder.from_pretrained("~/model"), load_embedder("~/model")):
+            torch.testing.assert_close(loaded.encode(texts, [None]), saved.encode(texts, [None]))
