@@ -16,12 +16,26 @@ described by `write_mmeb_manifest` for real MMEB files, or by hand):
     eval/<task>_<level>.jsonl        candidate lists, one file per hardness level
     images/...                       PNG files; paths in the records are relative to the folder
 
+Real MMEB is read where it lies (`find_mmeb_files`, `open_mmeb_folder`, `write_mmeb_manifest`):
+a dataset is a flat file or a folder of shards read in name order as one dataset, and the images
+may live under a separate root:
+
+    eval/<dataset>.jsonl|parquet                     MMEB-eval, flat
+    eval/<dataset>/test-00000-of-00002.parquet ...   MMEB-eval as published (test*.parquet|jsonl)
+    train/<subset>.jsonl|parquet                     MMEB-train, flat
+    train/<subset>/original-00000-of-00001.parquet   MMEB-train as published: the split chosen by
+    train/<subset>/diverse_instruction-*.parquet     `train_splits` (default: original, else train)
+    <image root>/...                                 relative to the folder, or absolute
+
+A manifest names each task's files as one path (the generators) or a list of shards (MMEB).
+
 One shape per concept on the way from a file to a loss: a record (the columns above) becomes a
 `TrainItem` or an `EvalItem` (`TrainPairDataset`, `EvalDataset`: images opened, nulls made ""), and
 a list of items becomes a `TrainBatch` or an `EvalBatch` (`collate_train_pairs`, `collate_eval`).
 
 Bad input raises ValueError / FileNotFoundError naming file and line (parquet: row); with
-on_error="skip" bad records are dropped, counted in `.skipped` and reported in a warning.
+on_error="skip" bad records are dropped, counted in `.skipped` and reported in a
+`SkippedRecordsWarning`.
 
 The generators import this module, never the reverse (tests/test_data_layers.py checks it).
 
@@ -29,16 +43,18 @@ Example:
     info = load_manifest("data/scenes")
     for task in info.tasks:
         ds = info.eval_dataset(task, "hard")    # EvalDataset
+    mmeb = open_mmeb_folder("data/mmeb", image_root="../mmeb-images")  # with or without manifest
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypedDict
 
@@ -66,6 +82,12 @@ INSTRUCTIONS = {
     "find_image": "find an image that matches the given caption {caption}",
 }
 MANIFEST_VERSION = 1
+ON_ERROR_CHOICES = ("raise", "skip")
+RECORD_SUFFIXES = (".jsonl", ".parquet")
+
+
+class SkippedRecordsWarning(UserWarning):
+    """Bad records were dropped (on_error="skip"); the message counts them and quotes the first."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,16 +177,24 @@ def _image_paths(record: dict, kind: str) -> list[str]:
     return [p for p in paths if p]
 
 
-def _load_rows(path, kind: str, image_root=None, on_error: str = "raise"):
-    """[(where, record)] of the good records, and the error messages of the skipped ones.
-
-    With an image_root every referenced image is opened once, so a missing or unreadable image is
-    reported here, with its record's line, rather than in the middle of a training run.
-    """
-    if on_error not in ("raise", "skip"):
+def check_on_error(on_error: str) -> None:
+    """Raise a ValueError naming the choices unless on_error is "raise" or "skip"."""
+    if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    rows, errors, good_images = [], [], set()
-    for where, raw in _iter_raw(Path(path)):
+
+
+def _as_paths(path) -> list[Path]:
+    """One file, or a list of shards of one dataset (kept in their order), as [Path]."""
+    paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+    if not paths:
+        raise ValueError("no files given: expected a .jsonl/.parquet file or a list of shards")
+    return paths
+
+
+def _read_file(path: Path, kind: str, image_root, on_error: str, good_images: set[str]):
+    """[(where, record)] of a file's good records and the messages of its bad ones (skip mode)."""
+    rows, errors = [], []
+    for where, raw in _iter_raw(path):
         try:
             record = parse_record(where, raw, kind)
             for rel in _image_paths(record, kind) if image_root is not None else []:
@@ -177,21 +207,40 @@ def _load_rows(path, kind: str, image_root=None, on_error: str = "raise"):
             errors.append(str(e))
             continue
         rows.append((where, record))
-    _report(path, rows, errors)
     return rows, errors
 
 
-def _report(path, rows: list, errors: list[str]) -> None:
+def _load_rows(path, kind: str, image_root=None, on_error: str = "raise"):
+    """[(where, record)] of the good records of a file or of shards, and the error messages of the
+    skipped ones.
+
+    With an image_root every referenced image is opened once, so a missing or unreadable image is
+    reported here, with its record's line, rather than in the middle of a training run.
+    """
+    check_on_error(on_error)
+    paths = _as_paths(path)
+    rows, errors, good_images = [], [], set()
+    for file in paths:
+        file_rows, file_errors = _read_file(file, kind, image_root, on_error, good_images)
+        rows += file_rows
+        errors += file_errors
+    _report(paths, rows, errors)
+    return rows, errors
+
+
+def _report(paths: list[Path], rows: list, errors: list[str]) -> None:
+    name = str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} more shards)"
     if errors:
-        warnings.warn(f"{path}: skipped {len(errors)} bad record(s); first: {errors[0]}",
-                      stacklevel=3)
+        warnings.warn(f"{name}: skipped {len(errors)} bad record(s); first: {errors[0]}",
+                      SkippedRecordsWarning, stacklevel=4)
     if not rows:
         all_bad = f" (all {len(errors)} bad)" if errors else ""
-        raise ValueError(f"{path}: no usable records{all_bad}")
+        raise ValueError(f"{name}: no usable records{all_bad}")
 
 
-def read_records(path: str | os.PathLike, kind: str, on_error: str = "raise") -> list[dict]:
-    """Records of a jsonl or parquet file of `kind` "train" or "eval", as dicts, unchanged."""
+def read_records(path, kind: str, on_error: str = "raise") -> list[dict]:
+    """Records of a jsonl or parquet file (or of a list of shards) of `kind` "train" or "eval", as
+    dicts, unchanged."""
     rows, _ = _load_rows(path, kind, on_error=on_error)
     return [record for _, record in rows]
 
@@ -390,8 +439,9 @@ class _RecordDataset(Dataset):
     """Shared loading: records validated up front, images opened lazily per item.
 
     Args:
-        path: .jsonl or .parquet file. image_root: folder the image paths are relative to
-            (default: `default_image_root(path)`).
+        path: a .jsonl or .parquet file, or a list of them (shards of one dataset, read in that
+            order). image_root: folder the image paths are relative to (default:
+            `default_image_root` of the first file).
         on_error: "raise" (default) or "skip" bad records (count in `.skipped`, messages in
             `.skip_reasons`, one warning).
         check_images: open every referenced image once up front, so a missing or unreadable one is
@@ -401,12 +451,12 @@ class _RecordDataset(Dataset):
     kind = ""
 
     def __init__(self, path, image_root=None, on_error: str = "raise", check_images: bool = True):
-        self.path = Path(path)
+        self.paths = _as_paths(path)
         if image_root is None:
-            image_root = default_image_root(self.path)
+            image_root = default_image_root(self.paths[0])
         self.image_root = Path(image_root)
         checked_root = self.image_root if check_images else None
-        self.rows, self.skip_reasons = _load_rows(self.path, self.kind, checked_root, on_error)
+        self.rows, self.skip_reasons = _load_rows(self.paths, self.kind, checked_root, on_error)
         self.skipped = len(self.skip_reasons)
 
     @property
@@ -486,11 +536,17 @@ class DatasetInfo:
 
     manifest keys: name, version, seed, parameters, image_root, vocabulary, labels, counts, and
     tasks: {task: {meta_task, query_modality, target_modality, train, n_train, eval: {level: file},
-    hard_fraction: {level: f}, n_eval, num_candidates[, attributes: {level: file}]}}.
+    hard_fraction: {level: f}, n_eval, num_candidates[, attributes: {level: file}]}}. A file entry
+    is one path or a list of shards; vocabulary and labels are None for a folder described in
+    memory (`open_mmeb_folder`). on_error is the default of every dataset it builds.
     """
 
     root: Path
     manifest: dict
+    on_error: str = "raise"
+
+    def __post_init__(self):
+        check_on_error(self.on_error)
 
     @property
     def name(self) -> str:
@@ -518,27 +574,49 @@ class DatasetInfo:
     def levels(self, task: str) -> list[str]:
         return list(self.task(task)["eval"])
 
-    def train_path(self, task: str) -> Path:
-        train = self.task(task)["train"]
-        if not train:
+    def train_paths(self, task: str) -> list[Path]:
+        """The training files of `task`, shards in reading order."""
+        files = _file_list(self.task(task)["train"])
+        if not files:
             raise ValueError(f"task {task!r} of {self.root} has no training pairs (eval only)")
-        return self.root / train
+        return [self.root / file for file in files]
 
-    def eval_path(self, task: str, level: str) -> Path:
+    def eval_paths(self, task: str, level: str) -> list[Path]:
+        """The candidate-list files of `task` at `level`, shards in reading order."""
         files = self.task(task)["eval"]
         if level not in files:
             raise ValueError(f"task {task!r} has no level {level!r}; levels: {list(files)}")
-        return self.root / files[level]
+        return [self.root / file for file in _file_list(files[level])]
+
+    def train_path(self, task: str) -> Path:
+        """The one training file of `task` (`train_paths` for a sharded one)."""
+        return _only_file(self.train_paths(task))
+
+    def eval_path(self, task: str, level: str) -> Path:
+        """The one candidate-list file of `task` at `level` (`eval_paths` for a sharded one)."""
+        return _only_file(self.eval_paths(task, level))
 
     def train_dataset(self, tasks: Iterable[str] | None = None, **kwargs) -> ConcatDataset:
         """Training pairs of `tasks` (default: all that have some) as one dataset; kwargs go to
         TrainPairDataset."""
         names = [t for t in self.tasks if self.task(t)["train"]] if tasks is None else list(tasks)
-        parts = [TrainPairDataset(self.train_path(t), self.image_root, **kwargs) for t in names]
+        if not names:
+            raise ValueError(f"{self.root}: no training pairs (every task is eval only)")
+        kwargs = {"on_error": self.on_error, **kwargs}
+        parts = [TrainPairDataset(self.train_paths(t), self.image_root, **kwargs) for t in names]
         return ConcatDataset(parts)
 
     def eval_dataset(self, task: str, level: str, **kwargs) -> EvalDataset:
-        return EvalDataset(self.eval_path(task, level), self.image_root, **kwargs)
+        kwargs = {"on_error": self.on_error, **kwargs}
+        return EvalDataset(self.eval_paths(task, level), self.image_root, **kwargs)
+
+    def record_files(self) -> Iterator[tuple[str, str, list[Path]]]:
+        """(task, kind, files) of every training set ("train") and candidate-list set ("eval")."""
+        for task in self.tasks:
+            if self.task(task)["train"]:
+                yield task, "train", self.train_paths(task)
+            for level in self.levels(task):
+                yield task, "eval", self.eval_paths(task, level)
 
     def candidate_attributes(self, task: str, level: str) -> list[dict]:
         """Per query {"truth": attrs, "candidates": [attrs, ...], "hard": [bool, ...]} (scenes)."""
@@ -548,11 +626,31 @@ class DatasetInfo:
         return _read_jsonl_objects(self.root / files[level])
 
     def vocabulary(self) -> list[str]:
+        """The words of the texts, from vocabulary.txt (or read from the records, without one)."""
+        if self.manifest["vocabulary"] is None:
+            return sorted({word for _, kind, files in self.record_files()
+                           for record in read_records(files, kind, self.on_error)
+                           for word in record_words(record)})
         return (self.root / self.manifest["vocabulary"]).read_text(encoding="utf-8").split()
 
     def labels(self) -> list[dict]:
         """Per-image labels {"image_path", "split", ...} (scenes: task, role, count, shape, ...)."""
+        if self.manifest["labels"] is None:
+            return []
         return _read_jsonl_objects(self.root / self.manifest["labels"])
+
+
+def _file_list(entry: str | list[str] | None) -> list[str]:
+    """A manifest's file entry as a list: the generators write one name, MMEB folders lists."""
+    if not entry:
+        return []
+    return [entry] if isinstance(entry, str) else list(entry)
+
+
+def _only_file(paths: list[Path]) -> Path:
+    if len(paths) > 1:
+        raise ValueError(f"{paths[0]} is one of {len(paths)} shards; use train_paths/eval_paths")
+    return paths[0]
 
 
 def _read_jsonl_objects(path: Path) -> list[dict]:
@@ -630,36 +728,211 @@ MMEB_IN_DISTRIBUTION = frozenset([
     "WebQA", "MSCOCO"])
 
 
-def write_mmeb_manifest(root: str | os.PathLike, image_root: str = ".", level: str = "test",
-                        meta_tasks: dict[str, str] | None = None) -> DatasetInfo:
-    """Write manifest.json (+ vocabulary.txt) for a folder of MMEB files, so studies can use it.
+# MMEB-train spells one subset differently from its MMEB-eval dataset.
+MMEB_TRAIN_NAMES = {"ImageNet_1K": "ImageNet-1K"}
+MMEB_EVAL_SPLIT = "test"
+# MMEB-train ships each subset's pairs as `original` shards, the same pairs with reworded
+# instructions as `diverse_instruction` shards, and a few subsets only as `train` shards. The
+# default reads `original` (else `train`): LLaVE trains on the original instructions, and reading
+# both would count every pair twice.
+DEFAULT_TRAIN_SPLITS = ("original", "train")
 
-    Expects train/<dataset>.jsonl|parquet (MMEB-train pairs) and/or eval/<dataset>.jsonl|parquet
-    (candidate lists); a dataset's meta-task comes from `meta_tasks`, else MMEB's 36 names, else
-    "other". `image_root` is relative to `root`.
+
+def find_mmeb_files(root: str | os.PathLike, train_splits: Sequence[str] | None = None
+                    ) -> dict[str, dict[str, list[Path]]]:
+    """{"train": {dataset: files}, "eval": {dataset: files}} of an MMEB folder, flat or published.
+
+    A dataset is a flat file (`eval/<dataset>.jsonl|parquet`) or a folder of shards, kept in name
+    order: `eval/<dataset>/test*.parquet|jsonl`, `train/<subset>/<split>-*.parquet`. train_splits
+    names the training splits to read, all of them for every subset (default: `original`, else
+    `train`); a subset folder with none of them is an error naming the splits it has.
     """
     root = Path(root)
-    files = {kind: {f.stem: f for f in sorted((root / kind).glob("*"))
-                    if f.suffix in (".jsonl", ".parquet")} for kind in ("train", "eval")}
-    names = sorted(set(files["train"]) | set(files["eval"]))
-    if not names:
-        raise FileNotFoundError(f"{root}: no train/*.jsonl|parquet or eval/*.jsonl|parquet files")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    splits = _checked_splits(train_splits)
+    found: dict[str, dict[str, list[Path]]] = {"train": {}, "eval": {}}
+    for kind, datasets in found.items():
+        folder = root / kind
+        for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if entry.name.startswith("."):
+                continue
+            name = entry.name if entry.is_dir() else entry.stem
+            if kind == "train":
+                name = MMEB_TRAIN_NAMES.get(name, name)
+            files = (_dataset_shards(entry, kind, splits) if entry.is_dir()
+                     else [entry] if entry.suffix in RECORD_SUFFIXES else [])
+            if files and name in datasets:
+                raise ValueError(f"{folder}: dataset {name!r} is there twice "
+                                 f"({datasets[name][0].relative_to(folder)} and {entry.name})")
+            if files:
+                datasets[name] = files
+    if not (found["train"] or found["eval"]):
+        raise FileNotFoundError(
+            f"{root}: no MMEB data: no eval/<dataset>.jsonl|parquet, eval/<dataset>/test*.parquet, "
+            "train/<subset>.jsonl|parquet or train/<subset>/<split>-*.parquet")
+    return found
+
+
+def _checked_splits(train_splits) -> tuple[str, ...] | None:
+    if train_splits is None:
+        return None
+    if (isinstance(train_splits, str) or not train_splits
+            or not all(isinstance(split, str) and split for split in train_splits)):
+        raise ValueError(f"train_splits must be a non-empty list of split names (e.g. "
+                         f"['original', 'diverse_instruction']), got {train_splits!r}")
+    return tuple(dict.fromkeys(train_splits))
+
+
+def _dataset_shards(folder: Path, kind: str, splits: tuple[str, ...] | None) -> list[Path]:
+    """A dataset folder's files of the wanted split(s), each split's shards in name order."""
+    files = [f for f in sorted(folder.iterdir())
+             if f.is_file() and f.suffix in RECORD_SUFFIXES and not f.name.startswith(".")]
+
+    def split(name: str) -> list[Path]:  # `test.parquet`, `test-00000-of-00002.parquet`, ...
+        return [f for f in files if f.stem == name or f.name.startswith(f"{name}-")]
+
+    if kind == "eval":
+        chosen, wanted = split(MMEB_EVAL_SPLIT), f"{MMEB_EVAL_SPLIT}*.parquet|jsonl"
+    elif splits is None:
+        chosen = next((shards for name in DEFAULT_TRAIN_SPLITS if (shards := split(name))), [])
+        wanted = "original or train shards (choose others with train_splits)"
+    else:
+        chosen, wanted = [f for name in splits for f in split(name)], f"shards of {list(splits)}"
+    if files and not chosen:
+        present = sorted({f.stem.split("-")[0] for f in files})
+        raise ValueError(f"{folder}: no {wanted}; its files are of split(s) {present}")
+    return chosen
+
+
+def _mmeb_manifest(root: Path, found: dict, image_root, train_splits, level: str,
+                   meta_tasks: dict[str, str] | None = None) -> dict:
+    """The manifest of the files `find_mmeb_files` found, without counts, vocabulary or labels."""
     lookup = {**MMEB_META_TASKS, **(meta_tasks or {})}
-    tasks, words = {}, set()
-    for name in names:
-        train, evaluation = files["train"].get(name), files["eval"].get(name)
+    tasks = {}
+    for name in sorted(set(found["train"]) | set(found["eval"])):
+        train, evaluation = (
+            [f.relative_to(root).as_posix() for f in found[kind].get(name, [])]
+            for kind in ("train", "eval"))
         tasks[name] = {"meta_task": lookup.get(name, "other"),
-                       "train": train.relative_to(root).as_posix() if train else None,
-                       "eval": {level: evaluation.relative_to(root).as_posix()} if evaluation else {}}
-        for path, kind in ((train, "train"), (evaluation, "eval")):
-            if path is not None:
-                words.update(w for record in read_records(path, kind) for w in record_words(record))
+                       "in_distribution": name in MMEB_IN_DISTRIBUTION,
+                       "train": train or None, "eval": {level: evaluation} if evaluation else {}}
+    splits = _checked_splits(train_splits)
+    return {"name": root.resolve().name, "version": MANIFEST_VERSION, "seed": None,
+            "parameters": {"train_splits": list(splits) if splits else None},
+            "image_root": Path(image_root).as_posix(), "vocabulary": None, "labels": None,
+            "tasks": tasks}
+
+
+def open_mmeb_folder(root: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                     train_splits: Sequence[str] | None = None, on_error: str = "raise"
+                     ) -> DatasetInfo:
+    """An MMEB folder as a DatasetInfo, reading only file names (records are read when used).
+
+    With a manifest.json (describe-mmeb's or a generator's) that manifest; without one, the files
+    `find_mmeb_files` finds, described in memory (nothing is written: meta-tasks from MMEB's names,
+    the vocabulary read from the texts when asked for). image_root (relative to `root`, or
+    absolute) replaces the manifest's; train_splits must be those the manifest was written for.
+    on_error ("raise" or "skip") is the default of every dataset the DatasetInfo builds.
+    """
+    root = Path(root)
+    if (root / "manifest.json").is_file():
+        manifest = load_manifest(root).manifest
+        recorded = manifest["parameters"].get("train_splits")
+        if train_splits is not None and list(_checked_splits(train_splits)) != recorded:
+            raise ValueError(f"{root / 'manifest.json'} was written for train splits {recorded}, "
+                             f"not {list(train_splits)}: describe the folder again with them")
+        if image_root is not None:
+            manifest = {**manifest, "image_root": Path(image_root).as_posix()}
+    else:
+        found = find_mmeb_files(root, train_splits)
+        manifest = _mmeb_manifest(root, found, image_root or ".", train_splits, MMEB_EVAL_SPLIT)
+    info = DatasetInfo(root, manifest, on_error)
+    if not info.image_root.is_dir():
+        raise FileNotFoundError(f"{info.image_root}: the image root is not a folder")
+    return info
+
+
+def write_mmeb_manifest(root: str | os.PathLike, image_root: str = ".", level: str = "test",
+                        meta_tasks: dict[str, str] | None = None,
+                        train_splits: Sequence[str] | None = None,
+                        check_images: str | int = "all", on_error: str = "raise") -> DatasetInfo:
+    """Describe a folder of MMEB files (layouts: `find_mmeb_files`) in manifest.json, so studies
+    can use it; write vocabulary.txt and an empty labels.jsonl beside it.
+
+    Every record is read and checked (on_error: "raise" at the first bad one, or "skip" and count
+    them per file). Per dataset the manifest records its files, meta-task (`meta_tasks`, else
+    MMEB's 36 names, else "other"), in_distribution (one of MMEB-train's 20), n_train, n_eval,
+    skipped {file: count} and images {referenced, checked, missing, missing_examples}: whether the
+    referenced images exist under `image_root` (relative to `root`, or absolute), checked for
+    "all" or for a random sample of `check_images` per dataset (seed 0). Nothing is written
+    unless every file was read.
+    """
+    root, sample = Path(root), _checked_sample_size(check_images)
+    check_on_error(on_error)
+    manifest = _mmeb_manifest(root, find_mmeb_files(root, train_splits), image_root, train_splits,
+                              level, meta_tasks)
+    info = DatasetInfo(root, manifest, on_error)
+    if not info.image_root.is_dir():
+        raise FileNotFoundError(f"{info.image_root}: the image root is not a folder")
+    words, referenced = _survey_records(info)
+    for task, spec in manifest["tasks"].items():
+        spec["images"] = _check_image_files(info.image_root, referenced[task], sample)
+    specs = manifest["tasks"].values()
+    manifest["counts"] = {
+        "datasets": len(specs), "train": sum(s["n_train"] for s in specs),
+        "eval": sum(s["n_eval"] for s in specs),
+        "skipped": sum(n for s in specs for n in s["skipped"].values()),
+        "images_checked": sum(s["images"]["checked"] for s in specs),
+        "images_missing": sum(s["images"]["missing"] for s in specs)}
+    manifest["checks"] = {"images": check_images, "on_error": on_error}
+    manifest.update(vocabulary="vocabulary.txt", labels="labels.jsonl")
     write_text(root / "vocabulary.txt", "\n".join(sorted(words)) + "\n")
     write_text(root / "labels.jsonl", "")
-    write_manifest(root, {"name": root.name, "version": MANIFEST_VERSION, "seed": None,
-                          "parameters": {}, "image_root": image_root,
-                          "vocabulary": "vocabulary.txt", "labels": "labels.jsonl", "tasks": tasks})
-    return load_manifest(root)
+    write_manifest(root, manifest)  # last: a manifest never names files not yet written
+    return replace(load_manifest(root), on_error=on_error)
+
+
+def _survey_records(info: DatasetInfo) -> tuple[set[str], dict[str, set[str]]]:
+    """Read every record of `info` (by its on_error), adding n_train, n_eval and skipped
+    {file: count} to each task of its manifest; the words of the texts and each task's images."""
+    words: set[str] = set()
+    referenced: dict[str, set[str]] = {task: set() for task in info.tasks}
+    for task in info.tasks:
+        info.task(task).update(n_train=0, n_eval=0, skipped={})
+    for task, kind, files in info.record_files():
+        spec, rows, errors = info.task(task), [], []
+        for file in files:
+            file_rows, file_errors = _read_file(file, kind, None, info.on_error, set())
+            spec["skipped"][file.relative_to(info.root).as_posix()] = len(file_errors)
+            rows += file_rows
+            errors += file_errors
+        _report(files, rows, errors)
+        spec[f"n_{kind}"] += len(rows)
+        for _, record in rows:
+            words.update(record_words(record))
+            referenced[task].update(_image_paths(record, kind))
+    return words, referenced
+
+
+def _checked_sample_size(check_images: str | int) -> int | None:
+    """None for "all", else the number of images to check per dataset."""
+    if check_images == "all":
+        return None
+    if isinstance(check_images, bool) or not isinstance(check_images, int) or check_images < 0:
+        raise ValueError(f"check_images must be 'all' or a number of images >= 0 per dataset, "
+                         f"got {check_images!r}")
+    return check_images
+
+
+def _check_image_files(image_root: Path, referenced: set[str], sample: int | None) -> dict:
+    """Which of the referenced images (all, or a seeded random sample) are missing."""
+    names = sorted(referenced)
+    if sample is not None and sample < len(names):
+        names = sorted(random.Random(0).sample(names, sample))
+    missing = [name for name in names if not (image_root / name).is_file()]
+    return {"referenced": len(referenced), "checked": len(names), "missing": len(missing),
+            "missing_examples": missing[:3]}
 
 
 def record_words(record: dict) -> list[str]:

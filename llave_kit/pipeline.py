@@ -38,7 +38,9 @@ Guarantees:
 - before anything runs, every run is checked: a parameter its notebook does not declare, or whose
   value has another type than the notebook's default (an int default takes an int, a float
   default an int or float, a bool, str, list or dict default the same; a None default anything),
-  is rejected, as are `finetune` and `arms` values that are not valid TrainConfig fields;
+  is rejected, as are `finetune` and `arms` values that are not valid TrainConfig fields or that
+  name what the studies set themselves (`model`: that is `base_checkpoint`, one parameter for
+  every run's start; `data`, `seed`, `output_dir`, ...);
 - one process at a time runs a pipeline: it holds `runs/<pipeline>/.lock` (its PID) while it
   works; a second one stops at once naming the first, and a lock whose process is dead is taken over;
 - a run whose notebook, parameters and upstream results are unchanged since it last succeeded is
@@ -329,6 +331,13 @@ def _resolve(value, pipeline: Pipeline):
     return value
 
 
+# TrainConfig fields the studies set themselves (`studies.train_arms`), with the parameter that
+# does: in `finetune` or `arms` they would change a fine-tune's recipe, never what it trains.
+STUDY_SET_FIELDS = {"model": "base_checkpoint", "data": "data",
+                    "image_root": "the data's manifest (describe-mmeb --image-root)",
+                    "on_error": "on_error", "seed": "seeds", "output_dir": "train_dir"}
+
+
 def _train_config_problems(run: Run, parameters: dict) -> list[str]:
     finetune = parameters.get("finetune")
     arms = parameters.get("arms")
@@ -337,6 +346,9 @@ def _train_config_problems(run: Run, parameters: dict) -> list[str]:
     from llave_kit.train import TrainConfig  # imports torch: only for pipelines that train
 
     def problem(where: str, fields: dict) -> list[str]:
+        if owned := sorted(set(fields) & set(STUDY_SET_FIELDS)):
+            instead = "; ".join(f"{name} comes from {STUDY_SET_FIELDS[name]}" for name in owned)
+            return [f"run {run.name!r}: {where}: the studies set {owned} themselves ({instead})"]
         try:
             TrainConfig.check_types(fields)
         except ValueError as error:

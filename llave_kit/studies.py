@@ -26,7 +26,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 import yaml
 
-from llave_kit.data import DatasetInfo, load_image, load_manifest
+from llave_kit.data import DatasetInfo, check_on_error, load_image, open_mmeb_folder
 from llave_kit.digits import make_digits_dataset
 from llave_kit.encoders import CPU_MODELS, Embedder, load_embedder
 from llave_kit.evaluation import (
@@ -65,24 +65,30 @@ _EMBEDDING = {"batch_size": 128, "progress": False}  # how studies embed: large 
 
 
 def load_data(data: str, data_dir: str | Path | None = None, *, n_train: int | None = None,
-              n_eval: int | None = None, **generator_parameters) -> DatasetInfo:
-    """A built-in data set ("scenes", "digits"; generated once into `data_dir`) or an MMEB folder.
+              n_eval: int | None = None, on_error: str = "raise", **generator_parameters
+              ) -> DatasetInfo:
+    """A built-in data set ("scenes", "digits"; generated once into `data_dir`) or an MMEB folder
+    (`open_mmeb_folder`: its manifest.json, else the files as published).
 
     n_train / n_eval size the scenes data (pairs and eval queries per task); the digits set and
     a folder are read as they are, so notebooks pass the same parameters whatever `data` is.
+    on_error ("raise" or "skip" bad records) is the default of every dataset built from it.
     """
+    check_on_error(on_error)
     if data == "scenes":
         sizes = {k: v for k, v in (("n_train", n_train), ("n_eval", n_eval)) if v is not None}
-        return make_scenes_dataset(_required(data_dir, data), **sizes, **generator_parameters)
+        info = make_scenes_dataset(_required(data_dir, data), **sizes, **generator_parameters)
+        return replace(info, on_error=on_error)
     if data == "digits":
-        return make_digits_dataset(_required(data_dir, data), **generator_parameters)
+        info = make_digits_dataset(_required(data_dir, data), **generator_parameters)
+        return replace(info, on_error=on_error)
     if generator_parameters:
         raise ValueError(f"generator parameters {sorted(generator_parameters)} only apply to "
                          f"built-in data {BUILT_IN_DATA}, not to the folder {data!r}")
     if n_train is not None or n_eval is not None:
         warnings.warn(f"n_train / n_eval size the built-in scenes data; the folder {data!r} is "
                       "read as it is", stacklevel=2)
-    return load_manifest(data)
+    return open_mmeb_folder(data, on_error=on_error)
 
 
 def _required(data_dir, data: str) -> str | Path:

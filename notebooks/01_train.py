@@ -36,6 +36,7 @@ data = "scenes"  # "scenes", "digits", or an MMEB data folder with a manifest.js
 data_dir = "runs/cpu_demo/data/scenes"  # where built-in data is generated (shared with make reproduce)
 n_train = 6000  # built-in scenes: training pairs per task
 n_eval = 200  # built-in scenes: eval queries per task
+on_error = "raise"  # bad records in an MMEB folder: "raise" (naming file and line) or "skip" them
 loss = "hardness_weighted"  # "info_nce", "hardness_weighted", "focal_info_nce", "hcl", "dcl"
 alpha = 9.0  # hardness strength α; None for every loss but hardness_weighted
 temperature = 0.02
@@ -63,7 +64,7 @@ from llave_kit.studies import evaluate_embedder, load_data, train_embedder
 start(checkpoints=[model], data=data)  # paths are relative to the repository root
 
 # %%
-dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval)
+dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval, on_error=on_error)
 embedder, result = train_embedder(
     model, dataset, output_dir, loss=loss, alpha=alpha, temperature=temperature, lr=lr,
     warmup_ratio=warmup_ratio, max_steps=steps, batch_size=batch_size, seed=seed, device=device,

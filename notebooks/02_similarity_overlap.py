@@ -50,6 +50,7 @@ data = "scenes"
 data_dir = "runs/cpu_demo/data/scenes"  # paths are relative to the repository root
 n_train = 6000
 n_eval = 200
+on_error = "raise"  # bad records in an MMEB folder: "raise" (naming file and line) or "skip" them
 level = "hard"
 k = 5  # hard: the top-k most similar wrong candidates; easy: the bottom-k (the paper uses 5)
 n_resamples = 2000  # bootstrap resamples per interval
@@ -83,7 +84,7 @@ from llave_kit.studies import (
 start(checkpoints=[base_checkpoint], data=data)
 
 # %%
-dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval)
+dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval, on_error=on_error)
 checkpoints = train_arms(arms, base_checkpoint, dataset, train_dir, seeds=seeds, **finetune)
 scores = score_arms({"before": [base_checkpoint], **checkpoints}, dataset, level=level, k=k,
                     cache_dir=cache_dir, device=finetune.get("device"))

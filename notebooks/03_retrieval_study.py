@@ -38,6 +38,7 @@ data = "scenes"
 data_dir = "runs/cpu_demo/data/scenes"  # paths are relative to the repository root
 n_train = 6000
 n_eval = 200
+on_error = "raise"  # bad records in an MMEB folder: "raise" (naming file and line) or "skip" them
 levels = ["hard", "random"]
 failure_arm = "weighted"  # its first seed's model is searched for failures
 failure_task = "ret_i2t"
@@ -71,7 +72,7 @@ from llave_kit.studies import (
 start(checkpoints=[base_checkpoint], data=data)
 
 # %%
-dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval)
+dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval, on_error=on_error)
 checkpoints = {"before": [base_checkpoint],
                **train_arms(arms, base_checkpoint, dataset, train_dir, seeds=seeds, **finetune)}
 overall, by_meta_task, effects = {}, [], []

@@ -46,6 +46,7 @@ data = "scenes"
 data_dir = "runs/cpu_demo/data/scenes"  # paths are relative to the repository root
 n_train = 6000
 n_eval = 200
+on_error = "raise"  # bad records in an MMEB folder: "raise" (naming file and line) or "skip" them
 alphas = [0.0, 3.0, 9.0]
 matched_alphas = [9.0]  # alphas that get a temperature-matched InfoNCE control
 ladder = True
@@ -79,7 +80,7 @@ from llave_kit.studies import (
 start(checkpoints=[base_checkpoint], data=data)
 
 # %%
-dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval)
+dataset = load_data(data, data_dir, n_train=n_train, n_eval=n_eval, on_error=on_error)
 temperature = finetune["temperature"]
 variants = alpha_sweep_variants(alphas, temperature, matched_alphas)
 samples = stack_scores(run_variants(variants, base_checkpoint, dataset, train_dir, seeds=seeds, level=level,

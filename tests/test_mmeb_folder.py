@@ -56,5 +56,5 @@ def test_studies_train_and_evaluate_on_the_folder(mmeb_folder, tmp_path_factory)
 
 
 def test_empty_folder_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no train/"):
+    with pytest.raises(FileNotFoundError, match="no MMEB data"):
         write_mmeb_manifest(tmp_path)
