@@ -314,7 +314,7 @@ def train_arms(
         checkpoints[name] = []
         for seed in seeds:
             parameters = {**common_parameters, **arm, "seed": seed}
-            recipe = {"base": start, "data": data.manifest.get("parameters", str(data.root)),
+            recipe = {"base": start, "data": _data_identity(data),
                       "tasks": list(tasks) if tasks else None, "train": parameters}
             text = json.dumps(recipe, sort_keys=True, indent=1)
             run_dir = Path(output_root) / hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -325,6 +325,20 @@ def train_arms(
                 write_text(stored, text)
             checkpoints[name].append(run_dir / "final")
     return checkpoints
+
+
+def _data_identity(data: DatasetInfo):
+    """What decides a fine-tune's training data, for its recipe.
+
+    A generated data set (its manifest records a seed) is its generator's parameters, the same
+    wherever its folder lies; an MMEB folder is its training files (path, size, modification time)
+    and how bad records are treated, so two folders sharing a train_dir never share a fine-tune.
+    """
+    if data.manifest["seed"] is not None:
+        return data.manifest["parameters"]
+    files = [(str(path.resolve()), (stat := path.stat()).st_size, stat.st_mtime_ns)
+             for task in data.tasks if data.task(task)["train"] for path in data.train_paths(task)]
+    return {"train_files": files, "on_error": data.on_error}
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,14 @@
 import pytest
 from PIL import Image
 
-from llave_kit.data import write_mmeb_manifest, write_records
-from llave_kit.studies import evaluate_embedder, load_data, load_model, train_embedder
+from llave_kit.data import read_records, write_mmeb_manifest, write_records
+from llave_kit.studies import (
+    evaluate_embedder,
+    load_data,
+    load_model,
+    train_arms,
+    train_embedder,
+)
 
 
 @pytest.fixture
@@ -58,3 +64,22 @@ def test_studies_train_and_evaluate_on_the_folder(mmeb_folder, tmp_path_factory)
 def test_empty_folder_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no MMEB data"):
         write_mmeb_manifest(tmp_path)
+
+
+def test_two_folders_sharing_a_train_dir_do_not_share_fine_tunes(mmeb_folder, tmp_path_factory):
+    other = tmp_path_factory.mktemp("other")
+    for path in mmeb_folder.rglob("*"):
+        if path.is_file() and path.suffix in (".png", ".jsonl", ".parquet"):
+            target = other / path.relative_to(mmeb_folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    records = read_records(other / "train" / "MSCOCO_i2t.jsonl", "train")
+    write_records(other / "train" / "MSCOCO_i2t.jsonl", records[::-1])  # same pairs, new order
+    train_dir = tmp_path_factory.mktemp("finetunes")
+    arms = {"info_nce": {"loss": "info_nce"}}
+    first, again, second = (
+        train_arms(arms, "tiny-dual", load_data(str(folder)), train_dir, seeds=[0], batch_size=2,
+                   max_steps=1)["info_nce"][0]
+        for folder in (mmeb_folder, mmeb_folder, other))
+    assert first == again  # the same folder reuses its fine-tune
+    assert second != first
