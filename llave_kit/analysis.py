@@ -11,7 +11,8 @@
 Similarities are cosine similarities in float64: rows are L2-normalised here, so any embeddings
 work. Inputs may be torch tensors (any dtype or device) or numpy arrays. Candidates come either as
 MMEB lists, cand_emb (Q, C, D) with each query's own C candidates (the positive is usually
-candidate 0), or as one shared gallery, cand_emb (N, D).
+candidate 0), or as one shared gallery, cand_emb (N, D). Large eval sets keep each distinct
+candidate once, (N, D), and an index (Q, C) into it (`indexed_similarity_chunks`).
 
 Example (50 queries, 8 candidates each, the positive first and closest):
     >>> rng = np.random.default_rng(0)
@@ -133,6 +134,43 @@ def similarity_chunks(
         yield rows, sims, positives[rows]
 
 
+MAX_GATHERED_VALUES = 2**23  # one chunk of gathered candidate lists: 64 MiB of float64
+
+
+def indexed_similarity_chunks(
+    query_emb, cand_emb, index, chunk_size: int = 256
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """Yield (rows, sims) for chunks of queries whose candidate lists index a table of
+    embeddings: list i is cand_emb[index[i]].
+
+    query_emb (Q, D); cand_emb (N, D), e.g. each distinct candidate of an eval set once;
+    index (Q, C) ints in [0, N). sims (n, C) are the cosine similarities of `similarity_chunks` on
+    the lists cand_emb[index] (Q, C, D), computed the same way, but each candidate is normalised
+    once (a float64 copy of the table) and only one chunk of lists is gathered at a time: at most
+    `chunk_size` queries and MAX_GATHERED_VALUES numbers, so a chunk stays near 64 MiB whatever C
+    and D are.
+    """
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    cand_emb = cand_emb if hasattr(cand_emb, "shape") else np.asarray(cand_emb)
+    index = to_numpy(index)
+    query = l2_normalize(as_float_array(query_emb, "query_emb"), "query_emb")
+    if len(cand_emb.shape) != 2:
+        raise ValueError(f"cand_emb must be a table of candidates (N, D), got {cand_emb.shape}")
+    if index.ndim != 2 or not np.issubdtype(index.dtype, np.integer):
+        raise ValueError(f"index must be (Q, C) integers, got shape {index.shape} and dtype "
+                         f"{index.dtype}")
+    _check_shapes(query.shape, (len(index), *cand_emb.shape))
+    if index.shape[1] == 0 or index.min() < 0 or index.max() >= len(cand_emb):
+        raise ValueError(f"index must hold at least one candidate per query, each in "
+                         f"[0, {len(cand_emb)}); got shape {index.shape}")
+    table = l2_normalize(as_float_array(cand_emb, "cand_emb"), "cand_emb")  # each row once
+    rows_per_chunk = max(1, min(chunk_size, MAX_GATHERED_VALUES // index[0].size // table.shape[1]))
+    for start in range(0, len(query), rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        yield rows, np.einsum("nd,ncd->nc", query[rows], table[index[rows]])  # (n, C)
+
+
 # --------------------------------------------------------------------------------------------------
 # Table 1: positive / hard-negative / easy-negative similarity
 
@@ -175,6 +213,12 @@ class SimilarityStats:
         """Flat arrays {positive, hard, easy} for `plotting.plot_similarity_distributions`."""
         return {"positive": self.positive, "hard": self.hard.ravel(), "easy": self.easy.ravel()}
 
+    @property
+    def auroc(self) -> float:
+        """P(a positive beats a top-k hard negative), pooled over queries (`statistics.auroc`):
+        how far Table 1's positive and hard-negative distributions overlap (1: not at all)."""
+        return auroc(self.positive, self.hard)
+
 
 def similarity_stats(
     query_emb, cand_emb, positive_index=None, k: int = 5, chunk_size: int = 256
@@ -196,21 +240,32 @@ def similarity_stats(
 
     Reference: Lan et al., "LLaVE", 2025, Table 1 (SUN397 InfoNCE .71/.65/.36 -> LLaVE .66/.51/.03).
     """
+    chunks = [stats_of_similarities(sims, positives, k)
+              for _, sims, positives in similarity_chunks(query_emb, cand_emb, positive_index,
+                                                          chunk_size)]
+    return concatenate_stats(chunks)
+
+
+def stats_of_similarities(sims: np.ndarray, positives: np.ndarray, k: int = 5) -> SimilarityStats:
+    """`similarity_stats` of similarities already computed: sims (n, C), positives (n,) columns."""
     if not (isinstance(k, int) and k > 0):
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    positive, hard, easy = [], [], []
-    for _, sims, positives in similarity_chunks(query_emb, cand_emb, positive_index, chunk_size):
-        n, columns = sims.shape
-        if columns - 1 < k:
-            raise ValueError(f"k={k} needs at least {k} negatives per query, have {columns - 1}")
-        is_negative = np.ones_like(sims, dtype=bool)
-        is_negative[np.arange(n), positives] = False
-        negatives = sims[is_negative].reshape(n, columns - 1)  # (n, C - 1), one False per row
-        positive.append(sims[np.arange(n), positives])
-        top = np.partition(negatives, columns - 1 - k, axis=1)[:, -k:]
-        hard.append(np.sort(top, axis=1)[:, ::-1])
-        easy.append(np.sort(np.partition(negatives, k - 1, axis=1)[:, :k], axis=1))
-    return SimilarityStats(np.concatenate(positive), np.concatenate(hard), np.concatenate(easy))
+    n, columns = sims.shape
+    if columns - 1 < k:
+        raise ValueError(f"k={k} needs at least {k} negatives per query, have {columns - 1}")
+    is_negative = np.ones_like(sims, dtype=bool)
+    is_negative[np.arange(n), positives] = False
+    negatives = sims[is_negative].reshape(n, columns - 1)  # (n, C - 1), one False per row
+    top = np.partition(negatives, columns - 1 - k, axis=1)[:, -k:]
+    hard = np.sort(top, axis=1)[:, ::-1]
+    easy = np.sort(np.partition(negatives, k - 1, axis=1)[:, :k], axis=1)
+    return SimilarityStats(sims[np.arange(n), positives], hard, easy)
+
+
+def concatenate_stats(chunks: list[SimilarityStats]) -> SimilarityStats:
+    """The statistics of consecutive chunks of queries as one `SimilarityStats`."""
+    return SimilarityStats(*(np.concatenate([getattr(chunk, role) for chunk in chunks])
+                             for role in ("positive", "hard", "easy")))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
     llave-kit train --config cfg.yaml [KEY=VALUE ...]    # also `torchrun ... -m llave_kit.train`
     llave-kit make-data scenes data/scenes [--n-train 500 --n-eval 200 ...]
     llave-kit make-data digits data/digits [--train-fraction 0.5 ...]
-    llave-kit describe-mmeb data/mmeb                     # write manifest.json for an MMEB folder
+    llave-kit describe-mmeb data/mmeb --image-root ../mmeb-images   # check it, write manifest.json
     llave-kit run-pipeline pipelines/cpu_demo.yaml [--force] [--set steps=50 ...]
     llave-kit pretrain configs/pretrain_tiny_dual.yaml checkpoints/tiny-dual-scenes
+    llave-kit evaluate --model checkpoints/tiny-dual-scenes --data data/mmeb --out scores.json
 
 A KEY=VALUE reads its value as YAML (`max_steps=7`, `alpha=0.5`, `seeds=[0,1]`,
 `loss_kwargs={symmetric: false}`). A mistake in the command line or in a file it names prints one
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,7 +79,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
 def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from llave_kit.data import TrainPairDataset, load_manifest
+    from llave_kit.data import SkippedRecordsWarning
     from llave_kit.distributed import is_distributed
     from llave_kit.encoders import load_embedder
     from llave_kit.train import NonFiniteError, TrainConfigError, train
@@ -86,13 +89,17 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.config}: set `model` (an embedder name or folder) and `data` "
                          "(a data set folder or a train jsonl) to train from the command line")
     try:
-        if Path(config.data).is_dir():
-            dataset = load_manifest(config.data).train_dataset(on_error=config.on_error)
-        else:
-            dataset = TrainPairDataset(config.data, config.image_root, on_error=config.on_error)
+        with warnings.catch_warnings():  # the skipped count is printed below
+            warnings.simplefilter("ignore", SkippedRecordsWarning)
+            dataset = _training_pairs(config)
         model = load_embedder(config.model)
     except (OSError, ValueError) as error:
         raise UsageError(str(error)) from None  # it names the file or model
+    parts = getattr(dataset, "datasets", [dataset])
+    reasons = [reason for part in parts for reason in part.skip_reasons]
+    if os.environ.get("RANK", "0") == "0":  # once per run, not once per torchrun process
+        print(f"data: {len(dataset)} training pairs from {config.data}; {len(reasons)} bad "
+              f"record(s) skipped" + (f" (first: {reasons[0]})" if reasons else ""), flush=True)
     try:
         train(config, model, dataset)
     except TrainConfigError as error:
@@ -104,6 +111,18 @@ def _train(args: argparse.Namespace) -> int:
         if is_distributed():
             dist.destroy_process_group()
     return 0
+
+
+def _training_pairs(config: TrainConfig):
+    """The pairs `config.data` names: every task's of a data set or MMEB folder (manifest or
+    not), or one train jsonl/parquet. image_root, like data, is relative to the working folder."""
+    from llave_kit.data import TrainPairDataset, open_mmeb_folder
+
+    if Path(config.data).is_dir():
+        image_root = None if config.image_root is None else Path(config.image_root).absolute()
+        info = open_mmeb_folder(config.data, image_root, on_error=config.on_error)
+        return info.train_dataset()
+    return TrainPairDataset(config.data, config.image_root, on_error=config.on_error)
 
 
 def _make_data(args: argparse.Namespace) -> int:
@@ -122,16 +141,37 @@ def _make_data(args: argparse.Namespace) -> int:
 
 
 def _describe_mmeb(args: argparse.Namespace) -> int:
-    from llave_kit.data import write_mmeb_manifest
+    from llave_kit.data import SkippedRecordsWarning, write_mmeb_manifest
 
     try:
-        info = write_mmeb_manifest(args.folder, image_root=args.image_root)
+        with warnings.catch_warnings():  # the skipped counts are printed per dataset below
+            warnings.simplefilter("ignore", SkippedRecordsWarning)
+            info = write_mmeb_manifest(args.folder, image_root=args.image_root,
+                                       train_splits=args.train_splits,
+                                       check_images=args.check_images, on_error=args.on_error)
     except (OSError, ValueError) as error:
         raise UsageError(str(error)) from None
     for task in info.tasks:
-        print(f"{task}: {info.meta_task(task)}, train={bool(info.task(task)['train'])}, "
-              f"eval={info.levels(task)}")
+        spec = info.task(task)
+        skipped, images = sum(spec["skipped"].values()), spec["images"]
+        where = "in distribution" if spec["in_distribution"] else "out of distribution"
+        line = (f"{task}: {spec['meta_task']}, {where}; records: train {spec['n_train']}, "
+                f"eval {spec['n_eval']}" + (f", skipped {skipped}" if skipped else "")
+                + f"; images: {images['checked']} of {images['referenced']} checked, "
+                f"{images['missing']} missing")
+        examples = ", ".join(images["missing_examples"])
+        print(line + (f" (e.g. {examples})" if examples else ""))
+    counts = info.manifest["counts"]
+    print(f"{counts['datasets']} datasets, {counts['train']} training pairs, {counts['eval']} "
+          f"candidate lists, {counts['skipped']} bad records skipped, "
+          f"{counts['images_missing']} of {counts['images_checked']} checked images missing "
+          f"(image root {info.image_root}); wrote {info.root / 'manifest.json'}")
     return 0
+
+
+def _images_to_check(text: str) -> str | int:
+    """A count as an int; anything else is left for write_mmeb_manifest to accept or name."""
+    return int(text) if text.isdigit() else text
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
@@ -146,6 +186,70 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     except PipelineError as error:
         raise UsageError(str(error)) from None
     return 0 if all(outcome.succeeded for outcome in outcomes) else 1
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """MMEB's score table (`llave_kit.mmeb_scores`): printed, and written to --out and beside it."""
+    import torch
+
+    from llave_kit.data import open_mmeb_folder
+    from llave_kit.encoders import load_embedder
+    from llave_kit.evaluation import check_tie_rule
+    from llave_kit.mmeb_scores import (
+        DEFAULT_TIES,
+        eval_sets,
+        report_markdown,
+        report_paths,
+        score_mmeb,
+        write_report,
+    )
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    image_root = None if args.image_root is None else Path(args.image_root).absolute()
+    ties = args.ties or DEFAULT_TIES
+    try:
+        data = open_mmeb_folder(args.data, image_root)
+        eval_sets(data, args.datasets, args.level)  # what is cheap to check, before the model loads
+        check_tie_rule(ties)
+        if args.out is not None:
+            report_paths(args.out)
+        embedder = load_embedder(args.model, device=device)
+        report = score_mmeb(embedder, data, args.datasets, level=args.level, model=args.model,
+                            ties=ties, batch_size=args.batch_size, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as error:  # names the folder, file, record or model
+        raise UsageError(str(error)) from None
+    print(report_markdown(report), end="")
+    if args.out is not None:
+        write_report(report, args.out)
+    return 0
+
+
+def _add_evaluate(commands) -> None:
+    evaluate = commands.add_parser("evaluate", help="MMEB's score table for a model: P@1 per "
+                                   "data set, meta-task, IND/OOD, overall; Table-1 similarities")
+    evaluate.add_argument("--model", required=True,
+                          help="built-in name (tiny-dual, tiny-qwen2-vl), checkpoint folder or hub id")
+    evaluate.add_argument("--data", required=True,
+                          help="MMEB folder (eval/<dataset>.jsonl|parquet or eval/<dataset>/"
+                               "test*.parquet; manifest.json if present) or a data set folder")
+    evaluate.add_argument("--datasets", nargs="+", metavar="NAME",
+                          help="score only these data sets (default: all with eval sets)")
+    evaluate.add_argument("--level", help="eval level, for folders with several (scenes: hard, "
+                                          "random); default: each data set's only one")
+    evaluate.add_argument("--out", metavar="SCORES.json",
+                          help="write the report as JSON here and the tables beside it (.md)")
+    evaluate.add_argument("--ties", metavar="RULE",
+                          help="positive-first (default, as MMEB's evaluator: a wrong candidate "
+                               "that ties the positive ranks below it) or pessimistic (above it)")
+    evaluate.add_argument("--batch-size", type=int, default=32, metavar="N",
+                          help="items embedded at a time (default: %(default)s)")
+    evaluate.add_argument("--image-root", metavar="DIR",
+                          help="images folder (default: the folder's manifest, else --data)")
+    evaluate.add_argument("--cache-dir", metavar="DIR",
+                          help="keep embeddings here; a second run with the same model and data "
+                               "embeds nothing")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    evaluate.set_defaults(handler=_evaluate)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -200,8 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
     _add_make_data(commands)
     describe = commands.add_parser("describe-mmeb", help="write manifest.json for an MMEB folder")
-    describe.add_argument("folder", help="folder with train/ and/or eval/ MMEB files")
-    describe.add_argument("--image-root", default=".", help="images folder, relative to FOLDER")
+    describe.add_argument("folder", help="folder with train/ and/or eval/ MMEB files, flat "
+                          "(eval/<dataset>.parquet) or as published (eval/<dataset>/test-*.parquet)")
+    describe.add_argument("--image-root", default=".",
+                          help="images folder, relative to FOLDER or absolute (default: FOLDER)")
+    describe.add_argument("--train-splits", nargs="+", metavar="SPLIT",
+                          help="MMEB-train shards to read per subset, e.g. original "
+                               "diverse_instruction (default: original, else train)")
+    describe.add_argument("--check-images", type=_images_to_check, default="all", metavar="all|N",
+                          help="check that all referenced images exist, or N per dataset drawn "
+                               "at random (default: all)")
+    describe.add_argument("--on-error", default="raise", metavar="raise|skip",
+                          help="a bad record stops with its file and line, or is skipped and "
+                               "counted (default: raise)")
     describe.set_defaults(handler=_describe_mmeb)
     pipeline = commands.add_parser("run-pipeline", help="execute a YAML pipeline of notebooks")
     pipeline.add_argument("pipeline", help="pipeline file, e.g. pipelines/cpu_demo.yaml")
@@ -215,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("out", help="folder to write the checkpoint to, e.g. checkpoints/NAME")
     pretrain.add_argument("--work-dir", default="runs/pretrain", help="data and training runs")
     pretrain.set_defaults(handler=_pretrain)
+    _add_evaluate(commands)
     return parser
 
 

@@ -3,27 +3,41 @@
 Retrieval. Each query has one positive among its candidates: its own MMEB candidate list
 (cand_emb (Q, C, D), positive usually candidate 0) or a shared gallery (N, D). Scores are cosine
 similarities, computed `chunk_size` queries at a time (see `analysis.similarity_chunks`), so a
-large gallery never builds the full (Q, N) matrix. Tie rule, used everywhere here:
+large gallery never builds the full (Q, N) matrix. Two tie rules, chosen by `ties`:
 
-    rank = #{candidates j : s_j >= s_positive}     (the positive counts itself once)
+    "pessimistic"     rank = #{candidates j : s_j >= s_positive}   (the positive counts itself once)
+    "positive-first"  rank = 1 + #{candidates j : s_j > s_positive}
 
-i.e. a candidate that ties the positive is ranked above it (pessimistic). A collapsed embedder
-that scores everything equally therefore gets P@1 = 0, not 1. MMEB's official scorer takes
-`argmax(scores) == 0`, which resolves ties in the positive's favour; the two agree unless a
-candidate scores exactly like the positive (a duplicate of it, or collapsed embeddings).
+The kit's default is pessimistic: a candidate that ties the positive is ranked above it, so a
+collapsed embedder that scores everything equally gets P@1 = 0, not 1. MMEB's and LLaVE's
+evaluator takes `argmax(scores) == 0`, and argmax returns the first of equal maxima, so it credits
+ties to the positive (candidate 0): that is "positive-first", the rule behind published MMEB
+numbers. The two agree unless a candidate scores exactly like the positive (a duplicate of it,
+or collapsed embeddings).
 
 Clustering. k-means on L2-normalised embeddings, scored against labels by NMI and ARI
 (scikit-learn's) and purity; 2-D projections for plots.
 
 Embedding. `embed_in_batches` runs any `encode_fn(texts, images) -> (n, D)` over a data set in
 batches with a tqdm bar and, given `cache_dir`, caches the result in an .npz keyed by the caller's
-model key and a fingerprint of the data, written atomically.
+model key and a fingerprint of the data, written atomically. An image may be given as a path: it is
+decoded only when its batch is embedded, and fingerprinted by the file (path, size, mtime), so a
+cache hit decodes nothing.
 
-MMEB eval sets, in one recipe that every table of the kit goes through: `embed_eval_dataset` embeds
-an eval set (queries with the embedder's `encode_queries`, candidates with `encode_targets`,
-identical candidates once), `score_candidate_lists` scores the embedded lists per query (ranks and
-Table-1 similarities, a `ListScores`), `score_eval_set` does both, and `evaluate_eval_set` returns
-the means for one eval file or data set.
+MMEB eval sets (1000 candidates per query, drawn from a much smaller pool), in three steps that
+every table of the kit goes through; memory grows with the distinct items, not with Q x C:
+
+1. `read_eval_lists`: the queries, each distinct candidate once, and an index (Q, C) into them.
+   Candidates are told apart by (text, image path) straight from the records, so nothing is
+   decoded yet (in-memory items: by text and pixels).
+2. `embed_eval_lists`: embeds the queries with the embedder's `encode_queries` and the distinct
+   candidates with `encode_targets`, a batch of images decoded at a time (an `EmbeddedLists`).
+3. `score_embedded_lists`: ranks and Table-1 similarities per query (a `ListScores`), a chunk of
+   queries at a time (`analysis.indexed_similarity_chunks`), never all lists (Q, C, D) at once.
+
+`score_eval_set` does 2 and 3, `evaluate_eval_set` returns the means for one eval file or data set.
+For small sets, `embed_eval_dataset` spells the lists out as (Q, C, D) and `score_candidate_lists`
+scores such arrays.
 
 Example, on hand-made embeddings (2 queries, lists of 3 candidates, candidate 0 the positive):
 
@@ -57,7 +71,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,12 +85,14 @@ from sklearn.metrics.cluster import contingency_matrix
 from llave_kit.analysis import (
     SimilarityStats,
     as_float_array,
+    concatenate_stats,
+    indexed_similarity_chunks,
     l2_normalize,
     similarity_chunks,
-    similarity_stats,
+    stats_of_similarities,
     to_numpy,
 )
-from llave_kit.data import EvalDataset
+from llave_kit.data import EvalDataset, load_image
 from llave_kit.files import atomic_path
 from llave_kit.progress import progress_bar
 
@@ -90,16 +106,39 @@ EncodeFn = Callable[[list, list], "torch.Tensor | np.ndarray"]
 # Retrieval
 
 
-def positive_ranks(query_emb, cand_emb, positive_index=None, chunk_size: int = 256) -> np.ndarray:
-    """Rank of each query's positive among its candidates, (Q,) ints >= 1 (tie rule: module doc).
+TIE_RULES = ("pessimistic", "positive-first")
+
+
+def check_tie_rule(ties: str) -> None:
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {list(TIE_RULES)}, got {ties!r}")
+
+
+def ranks_from_similarities(sims: np.ndarray, positives: np.ndarray,
+                            ties: str = "pessimistic") -> np.ndarray:
+    """Rank of each row's positive among its columns: sims (n, C), positives (n,) columns.
+
+    ties: "pessimistic" ranks a candidate that ties the positive above it, "positive-first"
+    below it (module doc).
+    """
+    check_tie_rule(ties)
+    positive = sims[np.arange(len(sims)), positives][:, None]  # (n, 1)
+    if ties == "pessimistic":
+        return (sims >= positive).sum(axis=1)
+    return 1 + (sims > positive).sum(axis=1)
+
+
+def positive_ranks(query_emb, cand_emb, positive_index=None, chunk_size: int = 256,
+                   ties: str = "pessimistic") -> np.ndarray:
+    """Rank of each query's positive among its candidates, (Q,) ints >= 1 (tie rules: module doc).
 
     cand_emb: candidate lists (Q, C, D) or a gallery (N, D); positive_index (Q,) ints, None =
     candidate 0 (lists) or gallery row i (paired data).
     """
-    ranks = []
-    for _, sims, positives in similarity_chunks(query_emb, cand_emb, positive_index, chunk_size):
-        positive = sims[np.arange(len(sims)), positives][:, None]  # (n, 1)
-        ranks.append((sims >= positive).sum(axis=1))
+    check_tie_rule(ties)
+    ranks = [ranks_from_similarities(sims, positives, ties)
+             for _, sims, positives in similarity_chunks(query_emb, cand_emb, positive_index,
+                                                         chunk_size)]
     return np.concatenate(ranks).astype(np.int64)
 
 
@@ -239,16 +278,32 @@ def project_2d(
 # Fingerprints
 
 
+def _is_path(image) -> bool:
+    return isinstance(image, (str, os.PathLike))
+
+
 def _image_digest(image) -> bytes:
+    """What identifies an image: its pixels, or for a path the file, without decoding it."""
     if image is None:
         return b"no image"
+    if _is_path(image):
+        try:
+            stat = os.stat(image)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image not found: {image}") from None
+        return f"file {os.path.abspath(image)} {stat.st_size} {stat.st_mtime_ns}".encode()
     if not hasattr(image, "tobytes") or not hasattr(image, "mode"):
-        raise ValueError(f"images must be PIL images or None, got {type(image).__name__}")
+        raise ValueError(f"images must be PIL images, paths or None, got {type(image).__name__}")
     return hashlib.sha256(f"{image.mode} {image.size}".encode() + image.tobytes()).digest()
 
 
 def data_fingerprint(texts: Sequence[str], images: Sequence | None = None) -> str:
-    """sha256 over every (text, image pixels) pair, in order: changes if any input changes."""
+    """sha256 over every (text, image) pair, in order: changes if any input changes.
+
+    A PIL image counts by its pixels; an image given as a path by its absolute path, size and
+    modification time (ns), so fingerprinting a large eval set decodes nothing. (A file rewritten
+    with the same size within one tick of the file system's clock would go unnoticed.)
+    """
     images = [None] * len(texts) if images is None else images
     digest = hashlib.sha256()
     for text, image in zip(texts, images, strict=True):
@@ -299,12 +354,18 @@ def model_fingerprint(model: torch.nn.Module, extra: str = "") -> str:
 # Embedding in batches, with a disk cache
 
 
+def _decoded(image):
+    """A PIL image or None; an image given as a path is opened here, when its batch is due."""
+    return load_image(image) if _is_path(image) else image
+
+
 def _encode_all(encode_fn, texts, images, batch_size, progress, desc) -> np.ndarray:
     chunks = []
     with torch.no_grad(), progress_bar(total=len(texts), desc=desc, disable=not progress) as bar:
         for start in range(0, len(texts), batch_size):
             batch_texts = list(texts[start:start + batch_size])
-            out = to_numpy(encode_fn(batch_texts, list(images[start:start + batch_size])))
+            batch_images = [_decoded(image) for image in images[start:start + batch_size]]
+            out = to_numpy(encode_fn(batch_texts, batch_images))
             if out.ndim != 2 or len(out) != len(batch_texts):
                 raise ValueError(f"encode_fn returned shape {out.shape} for a batch of "
                                  f"{len(batch_texts)}; expected ({len(batch_texts)}, D)")
@@ -344,7 +405,8 @@ def embed_in_batches(
     """Embeddings (n, D) float32 of every (texts[i], images[i]), `batch_size` at a time.
 
     encode_fn(texts, images) -> (len(texts), D) tensor or array (e.g. `LmmEmbedder.encode`); it
-    runs under torch.no_grad(). images: PIL images or None per item (None: text-only data).
+    runs under torch.no_grad(). images: per item a PIL image, None (no image; None for all:
+    text-only data), or a path, opened (`data.load_image`) when its batch is encoded.
     With `cache_dir`, the result is stored in cache_dir/embeddings-<hash>.npz keyed by `cache_key`
     (identify the model, e.g. `model_fingerprint(model)`) and `data_fingerprint(texts, images)`;
     a later call with the same key and data loads it without calling encode_fn.
@@ -374,41 +436,91 @@ def embed_in_batches(
 # MMEB eval sets
 
 
-def _eval_items(eval_dataset) -> tuple[list, list, list[list], list[list]]:
-    """Query texts and images, and each query's candidate texts and images, checked."""
-    query_texts, query_images, cand_texts, cand_images = [], [], [], []
-    for i in range(len(eval_dataset)):
-        item = eval_dataset[i]
+@dataclass(frozen=True)
+class EvalLists:
+    """An eval set as queries and distinct candidates, images not decoded yet (step 1, module doc).
+
+    query_texts, query_images (Q,); candidate_texts, candidate_images (N,): each distinct
+    candidate once; index (Q, C): query i's list is candidates index[i], its positive first. An
+    image is None, a path (records: image_root / the record's path) or a PIL image (in memory).
+    """
+
+    query_texts: list[str]
+    query_images: list
+    candidate_texts: list[str]
+    candidate_images: list
+    index: np.ndarray
+
+
+def read_eval_lists(eval_set, image_root=None) -> EvalLists:
+    """The queries and distinct candidates of an eval set, with each list's index into them.
+
+    eval_set: path of an MMEB eval .jsonl/.parquet (read as `data.EvalDataset(eval_set,
+    image_root, check_images=False)`: image_root None means its default), an `EvalDataset`, or a
+    sequence of its items (query_text, query_image, candidate_texts, candidate_images; candidate
+    0 the positive). From records, candidates are the same when text and image path are, and no
+    image is opened; in-memory items are compared by text and pixels.
+    """
+    if isinstance(eval_set, (str, os.PathLike)):
+        eval_set = EvalDataset(eval_set, image_root, check_images=False)
+    if isinstance(eval_set, EvalDataset):
+        return _lists_of_records(eval_set)
+    return _lists_of_items(eval_set)
+
+
+def _number_distinct(keys_per_list: Iterable[list]) -> tuple[dict, np.ndarray]:
+    """Each distinct key's number in first-seen order, and every list's numbers (Q, C)."""
+    number_of: dict = {}
+    index = [[number_of.setdefault(key, len(number_of)) for key in keys] for keys in keys_per_list]
+    return number_of, np.array(index, dtype=np.int64)
+
+
+def _lists_of_records(dataset: EvalDataset) -> EvalLists:
+    n_candidates = len(dataset.rows[0][1]["tgt_text"])
+
+    def candidate_keys():  # (text, relative image path) of each candidate, list by list
+        for where, record in dataset.rows:
+            if len(record["tgt_text"]) != n_candidates:
+                raise ValueError(f"{where}: {len(record['tgt_text'])} candidates, the first list "
+                                 f"has {n_candidates}; lists must have equal length")
+            yield [(text or "", path or "")
+                   for text, path in zip(record["tgt_text"], record["tgt_img_path"])]
+
+    def image(path):
+        return dataset.image_root / path if path else None
+
+    number_of, index = _number_distinct(candidate_keys())
+    records = dataset.records
+    return EvalLists([record["qry_text"] or "" for record in records],
+                     [image(record["qry_img_path"]) for record in records],
+                     [text for text, _ in number_of], [image(path) for _, path in number_of],
+                     index)
+
+
+def _lists_of_items(items) -> EvalLists:
+    query_texts, query_images, keys, first_image = [], [], [], {}
+    for i in range(len(items)):
+        item = items[i]
         missing = {"query_text", "query_image", "candidate_texts", "candidate_images"} - set(item)
         if missing:
             raise ValueError(f"eval item {i} lacks {sorted(missing)}")
-        if len(item["candidate_texts"]) != len(item["candidate_images"]):
-            raise ValueError(f"eval item {i}: {len(item['candidate_texts'])} candidate texts but "
-                             f"{len(item['candidate_images'])} candidate images")
-        if cand_texts and len(item["candidate_texts"]) != len(cand_texts[0]):
-            raise ValueError(f"eval item {i} has {len(item['candidate_texts'])} candidates, item 0 "
-                             f"has {len(cand_texts[0])}; lists must have equal length")
+        texts, images = item["candidate_texts"], item["candidate_images"]
+        if len(texts) != len(images):
+            raise ValueError(f"eval item {i}: {len(texts)} candidate texts but {len(images)} "
+                             f"candidate images")
+        if keys and len(texts) != len(keys[0]):
+            raise ValueError(f"eval item {i} has {len(texts)} candidates, item 0 has "
+                             f"{len(keys[0])}; lists must have equal length")
         query_texts.append(item["query_text"])
         query_images.append(item["query_image"])
-        cand_texts.append(list(item["candidate_texts"]))
-        cand_images.append(list(item["candidate_images"]))
+        keys.append([(text, _image_digest(image)) for text, image in zip(texts, images)])
+        for key, image in zip(keys[-1], images):
+            first_image.setdefault(key, image)
     if not query_texts:
         raise ValueError("the eval set is empty")
-    return query_texts, query_images, cand_texts, cand_images
-
-
-def _deduplicate(texts: list, images: list) -> tuple[list, list, np.ndarray]:
-    """Unique (text, image) pairs by content, first-seen order, and each input's index into them."""
-    slot_of: dict[tuple[str, bytes], int] = {}
-    first_positions, index = [], []
-    for position, (text, image) in enumerate(zip(texts, images)):
-        key = (text, _image_digest(image))
-        if key not in slot_of:
-            slot_of[key] = len(first_positions)
-            first_positions.append(position)
-        index.append(slot_of[key])
-    unique_texts = [texts[p] for p in first_positions]
-    return unique_texts, [images[p] for p in first_positions], np.array(index)
+    number_of, index = _number_distinct(keys)  # numbered in first_image's order
+    return EvalLists(query_texts, query_images, [text for text, _ in number_of],
+                     list(first_image.values()), index)
 
 
 @contextlib.contextmanager
@@ -422,35 +534,60 @@ def _eval_mode(module: torch.nn.Module):
         module.train(was_training)
 
 
-def embed_eval_dataset(
-    embedder: Embedder, eval_dataset, batch_size: int = 32, cache_dir=None,
-    model_key: str | None = None, progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Query embeddings (Q, D) and candidate embeddings (Q, C, D), float32, of an MMEB eval set.
-
-    eval_dataset: `data.EvalDataset` or any sequence of its items (query_text, query_image,
-    candidate_texts, candidate_images; candidate 0 is the positive). Candidate lists share many
-    items, so identical (text, image) candidates are encoded once and indexed back.
-    The embedder runs in eval mode; queries go through its `encode_queries` and candidates through
-    `encode_targets`, the sides training embeds them with (`LmmEmbedder` adds its instructions
-    there). cache_dir/model_key: see `embed_in_batches`; model_key defaults to
-    `model_fingerprint(embedder)`.
+@dataclass(frozen=True)
+class EmbeddedLists:
+    """An embedded eval set (step 2, module doc): queries (Q, D), each distinct candidate once
+    (N, D), float32, and index (Q, C): query i's list is candidates[index[i]], its positive first.
     """
-    query_texts, query_images, cand_texts, cand_images = _eval_items(eval_dataset)
-    n_queries, n_candidates = len(cand_texts), len(cand_texts[0])
-    flat_texts = [t for texts in cand_texts for t in texts]
-    flat_images = [im for images in cand_images for im in images]
-    unique_texts, unique_images, index = _deduplicate(flat_texts, flat_images)
+
+    queries: np.ndarray
+    candidates: np.ndarray
+    index: np.ndarray
+
+    def candidate_lists(self) -> np.ndarray:
+        """Every list spelled out, (Q, C, D): Q * C * D floats, so for small eval sets only."""
+        return self.candidates[self.index]
+
+
+def embed_eval_lists(
+    embedder: Embedder, eval_set, image_root=None, *, batch_size: int = 32, cache_dir=None,
+    model_key: str | None = None, progress: bool = True,
+) -> EmbeddedLists:
+    """Embed an eval set's queries and distinct candidates, `batch_size` items at a time.
+
+    eval_set: an `EvalLists`, or what `read_eval_lists(eval_set, image_root)` reads. The embedder
+    runs in eval mode; queries go through its `encode_queries` and candidates through
+    `encode_targets`, the sides training embeds them with (`LmmEmbedder` adds its instructions
+    there). Images are decoded a batch at a time (an image shared by several items is decoded
+    again unless `data.IMAGE_CACHE` still holds it). cache_dir/model_key: see `embed_in_batches`
+    (items read from records are fingerprinted by text, image path, file size and mtime, so a hit
+    decodes nothing); model_key defaults to `model_fingerprint(embedder)`.
+    """
+    lists = eval_set if isinstance(eval_set, EvalLists) else read_eval_lists(eval_set, image_root)
     if cache_dir is not None and model_key is None:
         model_key = model_fingerprint(embedder)
     options = dict(batch_size=batch_size, cache_dir=cache_dir, cache_key=model_key,
                    progress=progress)
     with _eval_mode(embedder):
-        queries = embed_in_batches(embedder.encode_queries, query_texts, query_images,
+        queries = embed_in_batches(embedder.encode_queries, lists.query_texts, lists.query_images,
                                    desc="queries", **options)
-        unique = embed_in_batches(embedder.encode_targets, unique_texts, unique_images,
-                                  desc="candidates", **options)
-    return queries, unique[index].reshape(n_queries, n_candidates, -1)
+        candidates = embed_in_batches(embedder.encode_targets, lists.candidate_texts,
+                                      lists.candidate_images, desc="candidates", **options)
+    return EmbeddedLists(queries, candidates, lists.index)
+
+
+def embed_eval_dataset(
+    embedder: Embedder, eval_dataset, batch_size: int = 32, cache_dir=None,
+    model_key: str | None = None, progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Query embeddings (Q, D) and candidate lists spelled out (Q, C, D), float32.
+
+    `embed_eval_lists`, then `EmbeddedLists.candidate_lists`: for small eval sets, where code
+    wants each list as an array (per-query plots, hardest failures); large ones stay compact.
+    """
+    embedded = embed_eval_lists(embedder, eval_dataset, batch_size=batch_size,
+                                cache_dir=cache_dir, model_key=model_key, progress=progress)
+    return embedded.queries, embedded.candidate_lists()
 
 
 @dataclass(frozen=True)
@@ -458,8 +595,9 @@ class ListScores:
     """Per-query results on candidate lists (candidate 0 the positive), from which the kit's
     tables, similarity pools and per-query samples are all read.
 
-    ranks (Q,): the positive's rank in its list (tie rule: module doc). stats: the Table-1
-    similarities (`analysis.similarity_stats`), None when the lists hold the positive alone.
+    ranks (Q,): the positive's rank in its list (under the tie rule it was scored with, module
+    doc). stats: the Table-1 similarities (`analysis.similarity_stats`), None when the lists hold
+    the positive alone.
     """
 
     ranks: np.ndarray
@@ -475,43 +613,64 @@ class ListScores:
         return metrics
 
 
-def score_candidate_lists(query_emb, cand_emb, k: int = 5, chunk_size: int = 256) -> ListScores:
-    """Ranks and Table-1 similarities of embedded candidate lists: query_emb (Q, D),
-    cand_emb (Q, C, D), candidate 0 the positive. k (top-k hard, bottom-k easy negatives) is
-    lowered to C - 1 for short lists."""
+def score_embedded_lists(embedded: EmbeddedLists, k: int = 5, ties: str = "pessimistic",
+                         chunk_size: int = 256) -> ListScores:
+    """Ranks (tie rule `ties`, module doc) and Table-1 similarities of an embedded eval set,
+    candidate 0 the positive, a chunk of queries at a time (`analysis.indexed_similarity_chunks`).
+
+    k (top-k hard, bottom-k easy negatives) is lowered to C - 1 for short lists.
+    """
+    check_tie_rule(ties)
+    n_candidates = embedded.index.shape[1]
+    ranks, stats = [], []
+    for _, sims in indexed_similarity_chunks(embedded.queries, embedded.candidates,
+                                             embedded.index, chunk_size):
+        positives = np.zeros(len(sims), dtype=np.int64)
+        ranks.append(ranks_from_similarities(sims, positives, ties))
+        if n_candidates > 1:  # Table-1 statistics need at least one wrong candidate
+            stats.append(stats_of_similarities(sims, positives, min(k, n_candidates - 1)))
+    return ListScores(np.concatenate(ranks).astype(np.int64),
+                      concatenate_stats(stats) if stats else None, n_candidates)
+
+
+def score_candidate_lists(query_emb, cand_emb, k: int = 5, chunk_size: int = 256,
+                          ties: str = "pessimistic") -> ListScores:
+    """`score_embedded_lists` of lists given as one array: query_emb (Q, D), cand_emb (Q, C, D),
+    candidate 0 the positive."""
     _check_lists(cand_emb)
-    n_candidates = np.shape(cand_emb)[1]
-    ranks = positive_ranks(query_emb, cand_emb, chunk_size=chunk_size)
-    stats = None
-    if n_candidates > 1:  # Table-1 statistics need at least one wrong candidate
-        stats = similarity_stats(query_emb, cand_emb, k=min(k, n_candidates - 1),
-                                 chunk_size=chunk_size)
-    return ListScores(ranks, stats, n_candidates)
+    n_queries, n_candidates = np.shape(cand_emb)[:2]
+    table = to_numpy(cand_emb).reshape(n_queries * n_candidates, -1)  # (Q * C, D), a view
+    index = np.arange(n_queries * n_candidates).reshape(n_queries, n_candidates)
+    return score_embedded_lists(EmbeddedLists(to_numpy(query_emb), table, index), k, ties,
+                                chunk_size)
 
 
 def score_eval_set(
-    embedder: Embedder, eval_dataset, *, k: int = 5, batch_size: int = 32, cache_dir=None,
-    model_key: str | None = None, chunk_size: int = 256, progress: bool = True,
+    embedder: Embedder, eval_dataset, *, k: int = 5, ties: str = "pessimistic",
+    batch_size: int = 32, cache_dir=None, model_key: str | None = None, chunk_size: int = 256,
+    progress: bool = True, image_root=None,
 ) -> ListScores:
-    """`embed_eval_dataset`, then `score_candidate_lists`."""
-    queries, candidates = embed_eval_dataset(embedder, eval_dataset, batch_size, cache_dir,
-                                             model_key, progress)
-    return score_candidate_lists(queries, candidates, k, chunk_size)
+    """`embed_eval_lists`, then `score_embedded_lists`."""
+    check_tie_rule(ties)  # before the embedding, which may take hours
+    embedded = embed_eval_lists(embedder, eval_dataset, image_root, batch_size=batch_size,
+                                cache_dir=cache_dir, model_key=model_key, progress=progress)
+    return score_embedded_lists(embedded, k, ties, chunk_size)
 
 
 def evaluate_eval_set(
     embedder: Embedder, eval_set, image_root=None, *, ks: Sequence[int] = (1, 5, 10), k: int = 5,
-    batch_size: int = 32, cache_dir=None, chunk_size: int = 256, progress: bool = True,
+    ties: str = "pessimistic", batch_size: int = 32, cache_dir=None, chunk_size: int = 256,
+    progress: bool = True,
 ) -> dict[str, float | int]:
     """Retrieval metrics and Table-1 similarity means for one MMEB eval file or data set.
 
-    eval_set: path of an MMEB eval .jsonl/.parquet, read with `data.EvalDataset(eval_set,
-    image_root)` (image_root None: its default), or an `EvalDataset`-like sequence of items.
-    Returns `ListScores.metrics` (p@1, recall@k, mrr, ndcg@k; positive, hard, easy, gap, k --
-    lowered to C - 1 for short lists) and the numbers of queries and candidates.
+    eval_set: as `read_eval_lists` takes it (a path of an MMEB eval .jsonl/.parquet, with
+    image_root None meaning its default; an `EvalDataset`; a sequence of its items).
+    Returns `ListScores.metrics` (p@1, recall@k, mrr, ndcg@k under the tie rule `ties`; positive,
+    hard, easy, gap, k -- lowered to C - 1 for short lists) and the numbers of queries and
+    candidates.
     """
-    if isinstance(eval_set, (str, os.PathLike)):
-        eval_set = EvalDataset(eval_set, image_root)
-    scores = score_eval_set(embedder, eval_set, k=k, batch_size=batch_size, cache_dir=cache_dir,
-                            chunk_size=chunk_size, progress=progress)
+    scores = score_eval_set(embedder, eval_set, k=k, ties=ties, batch_size=batch_size,
+                            cache_dir=cache_dir, chunk_size=chunk_size, progress=progress,
+                            image_root=image_root)
     return {**scores.metrics(ks), "queries": len(scores.ranks), "candidates": scores.n_candidates}

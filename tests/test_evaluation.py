@@ -2,18 +2,20 @@
 import doctest
 import importlib.util
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.metrics import label_ranking_average_precision_score, ndcg_score
+from sklearn.metrics import label_ranking_average_precision_score, ndcg_score, roc_auc_score
 
-from llave_kit import evaluation
-from llave_kit.analysis import similarity_stats
+from llave_kit import analysis, data, evaluation
+from llave_kit.analysis import indexed_similarity_chunks, similarity_stats
 from llave_kit.data import write_records
 from llave_kit.evaluation import (
+    EmbeddedLists,
     candidate_list_metrics,
     cluster_embeddings,
     data_fingerprint,
@@ -28,6 +30,7 @@ from llave_kit.evaluation import (
     purity,
     ranking_metrics,
     score_candidate_lists,
+    score_embedded_lists,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -106,6 +109,68 @@ def test_ties_rank_the_positive_last():
     collapsed_cands = np.ones((4, 6, 3))
     assert positive_ranks(collapsed_query, collapsed_cands).tolist() == [6] * 4
     assert candidate_list_metrics(collapsed_query, collapsed_cands)["p@1"] == 0.0
+
+
+def test_positive_first_ranks_ties_below_the_positive_as_argmax_does():
+    query = np.array([[1.0, 0.0], [0.0, 1.0]])
+    # Query 0: candidate 2 (longer, same direction) ties the positive exactly; candidate 1 is
+    # worse. Query 1: candidate 1 beats the positive, candidate 2 ties it.
+    cands = np.array([[[1.0, 0.0], [0.6, 0.8], [3.0, 0.0]],
+                      [[0.6, 0.8], [0.0, 2.0], [0.6, 0.8]]])
+    assert positive_ranks(query, cands).tolist() == [2, 3]
+    assert positive_ranks(query, cands, ties="positive-first").tolist() == [1, 2]
+    sims = np.einsum("qd,qcd->qc", query, cands / np.linalg.norm(cands, axis=2, keepdims=True))
+    first = score_candidate_lists(query, cands, k=1, ties="positive-first")
+    assert first.metrics()["p@1"] == np.mean(sims.argmax(axis=1) == 0) == 0.5
+    assert score_candidate_lists(query, cands, k=1).metrics()["p@1"] == 0.0
+    with pytest.raises(ValueError, match="ties must be one of"):
+        positive_ranks(query, cands, ties="optimistic")
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "positive-first"])
+@pytest.mark.parametrize("chunk_size, max_gathered", [(1000, 2**23), (4, 2**23), (1000, 40)])
+def test_indexed_lists_score_as_their_spelled_out_arrays(ties, chunk_size, max_gathered,
+                                                         monkeypatch):
+    monkeypatch.setattr(analysis, "MAX_GATHERED_VALUES", max_gathered)  # 40: one query a chunk
+    rng = np.random.default_rng(5)
+    table = rng.normal(size=(9, 6)).astype(np.float32)  # 9 distinct candidates, D = 6
+    queries = rng.normal(size=(17, 6)).astype(np.float32)
+    index = rng.integers(0, 9, size=(17, 7))  # lists of 7 drawn with repeats from 9
+    index[:5, 3] = index[:5, 0]  # the positive repeated: exact ties
+    embedded = EmbeddedLists(queries, table, index)
+    scores = score_embedded_lists(embedded, k=3, ties=ties, chunk_size=chunk_size)
+
+    lists = embedded.candidate_lists()  # (Q, C, D), the reference input
+    assert lists.shape == (17, 7, 6)
+    np.testing.assert_array_equal(scores.ranks, positive_ranks(queries, lists, ties=ties))
+    expected_ranks, tied_queries = [], 0
+    for q, candidates in zip(queries, lists):  # one query at a time, ties by the rule
+        sims = [float(q @ c) / (np.linalg.norm(q) * np.linalg.norm(c)) for c in candidates]
+        above = sum(s > sims[0] for s in sims) + 1
+        ties_with_positive = sum(s == sims[0] for s in sims) - 1
+        expected_ranks.append(above + (ties_with_positive if ties == "pessimistic" else 0))
+        tied_queries += ties_with_positive > 0
+    np.testing.assert_array_equal(scores.ranks, expected_ranks)
+    assert tied_queries >= 5  # the rules differ on this data
+    reference = similarity_stats(queries, lists, k=3)
+    for role in ("positive", "hard", "easy"):
+        np.testing.assert_allclose(getattr(scores.stats, role), getattr(reference, role),
+                                   atol=1e-12)
+    labels = np.r_[np.ones(17), np.zeros(17 * 3)]
+    assert scores.stats.auroc == pytest.approx(
+        roc_auc_score(labels, np.r_[reference.positive, reference.hard.ravel()]))
+
+
+def test_indexed_similarity_chunks_reject_bad_input():
+    query, table = np.ones((2, 3)), np.ones((4, 3))
+    with pytest.raises(ValueError, match=r"index must be \(Q, C\) integers"):
+        list(indexed_similarity_chunks(query, table, np.zeros((2, 3))))
+    with pytest.raises(ValueError, match=r"each in \[0, 4\)"):
+        list(indexed_similarity_chunks(query, table, np.full((2, 3), 4)))
+    with pytest.raises(ValueError, match="2 queries but 3 candidate lists"):
+        list(indexed_similarity_chunks(query, table, np.zeros((3, 3), dtype=int)))
+    with pytest.raises(ValueError, match=r"table of candidates \(N, D\)"):
+        list(indexed_similarity_chunks(query, np.ones((2, 4, 3)), np.zeros((2, 3), dtype=int)))
 
 
 def test_ranking_metrics_hand_example():
@@ -314,6 +379,36 @@ def eval_items():
                       "candidate_texts": [candidates[0][j] for j in order],
                       "candidate_images": [candidates[1][j] for j in order]})
     return items
+
+
+def test_images_given_as_paths_are_decoded_per_batch_and_fingerprinted_by_file(tmp_path,
+                                                                               monkeypatch):
+    paths = []
+    for value in (10, 20):
+        paths.append(tmp_path / f"{value}.png")
+        image(value).save(paths[-1])
+    decoded = []
+    decode = data._decode_rgb
+    monkeypatch.setattr(data, "_decode_rgb", lambda path: decoded.append(path) or decode(path))
+    monkeypatch.setattr(data.IMAGE_CACHE, "max_bytes", 0)  # every load decodes
+    texts, images = ["a", "b", "c"], [paths[0], None, str(paths[1])]
+    encoder = CountingEncoder()
+    fingerprint = data_fingerprint(texts, images)
+    assert decoded == []  # a path is fingerprinted by the file, not by its pixels
+    from_paths = embed_in_batches(encoder, texts, images, batch_size=2, cache_dir=tmp_path,
+                                  cache_key="m", progress=False)
+    assert len(decoded) == 2 and [len(batch[0]) for batch in encoder.batches] == [2, 1]
+    in_memory = [image(10), None, image(20)]
+    np.testing.assert_array_equal(from_paths, encoder(texts, in_memory).numpy())
+    decoded.clear()
+    encoder.batches.clear()
+    embed_in_batches(encoder, texts, images, cache_dir=tmp_path, cache_key="m", progress=False)
+    assert decoded == [] and encoder.batches == []  # a cache hit opens no image
+    image(30).save(paths[1])  # same size, new pixels and modification time
+    os.utime(paths[1], ns=(1, 1))  # a time no earlier write can have had
+    assert data_fingerprint(texts, images) != fingerprint
+    with pytest.raises(FileNotFoundError, match="image not found: .*missing.png"):
+        data_fingerprint(["a"], [tmp_path / "missing.png"])
 
 
 def test_embed_eval_dataset_encodes_each_unique_candidate_once(tmp_path):
