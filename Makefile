@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIPELINE ?= pipelines/cpu_demo.yaml
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint reproduce pretrain benchmark clean
+.PHONY: setup test lint reproduce pretrain benchmark gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,13 @@ pretrain: setup
 benchmark: setup
 	$(BIN)/python benchmarks/bench_tiled_loss.py
 	$(BIN)/python benchmarks/bench_data_share.py
+	$(BIN)/python benchmarks/bench_evaluation.py
+
+# One GPU, under 5 minutes: loss and matmul TFLOP/s, largest loss batch, train steps/s of a
+# LLaVA-OV-0.5B-shaped model under DDP and FSDP; writes runs/gpu_check/gpu_check.{json,md}.
+# Without CUDA it prints one line and succeeds.
+gpu-check: setup
+	$(BIN)/python scripts/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache
