@@ -193,7 +193,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from llave_kit.data import open_mmeb_folder
-    from llave_kit.encoders import load_embedder
+    from llave_kit.dual_encoder import TinyDualEmbedder
+    from llave_kit.encoders import CPU_MODELS, load_embedder
     from llave_kit.evaluation import check_tie_rule
     from llave_kit.mmeb_scores import (
         DEFAULT_TIES,
@@ -213,7 +214,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_tie_rule(ties)
         if args.out is not None:
             report_paths(args.out)
-        embedder = load_embedder(args.model, device=device)
+        # an LMM checkpoint's weights load straight into --dtype; the kit's tiny models stay fp32
+        precision = {} if args.dtype is None else {"dtype": getattr(torch, args.dtype)}
+        if precision and (args.model in CPU_MODELS or TinyDualEmbedder.is_saved_in(args.model)):
+            raise UsageError(f"--dtype applies to LMM checkpoints; {args.model} runs in float32")
+        embedder = load_embedder(args.model, device=device, **precision)
         report = score_mmeb(embedder, data, args.datasets, level=args.level, model=args.model,
                             ties=ties, batch_size=args.batch_size, cache_dir=args.cache_dir)
     except (OSError, ValueError) as error:  # names the folder, file, record or model
@@ -249,6 +254,9 @@ def _add_evaluate(commands) -> None:
                           help="keep embeddings here; a second run with the same model and data "
                                "embeds nothing")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                          help="load a checkpoint's weights in this precision (default: as saved; "
+                               "bfloat16 halves a 7B model's memory on a GPU)")
     evaluate.set_defaults(handler=_evaluate)
 
 

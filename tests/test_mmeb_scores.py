@@ -204,6 +204,7 @@ def test_cli_writes_json_and_markdown_in_the_papers_column_order(folder, model_d
     (["--model", "tiny-nothing"], "unknown default model 'tiny-nothing'"),
     (["--ties", "optimistic"], "ties must be one of"),
     (["--out", "scores.txt"], "must end in .json"),
+    (["--dtype", "bfloat16"], "--dtype applies to LMM checkpoints"),
 ])
 def test_cli_mistakes_print_one_line_and_exit_2(folder, model_dir, arguments, message, capsys):
     # A repeated option takes its last value, so `arguments` replace the working ones.
