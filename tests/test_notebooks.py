@@ -5,6 +5,7 @@ parameters cell is one papermill can read (it silently drops lines it cannot par
 """
 import ast
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import nbformat
 import papermill
 import pytest
 
+from llave_kit.cli import main
+from llave_kit.data import load_manifest, read_records, write_records
 from llave_kit.pipeline import check_parameters, load_pipeline, read_metrics, run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,24 +128,41 @@ def test_papermill_reads_every_assignment_of_the_parameters_cell(path):
     assert list(papermill.inspect_notebook(str(path))) == assigned
 
 
-def test_gpu_pipeline_file_runs_on_tiny_stand_ins(executed):
-    """pipelines/mmeb_gpu.yaml as shipped, with the hub checkpoint and MMEB folder swapped for tiny
-    stand-ins through --set style overrides: every parameter it names is declared and used."""
+def publish_like_mmeb(scenes: Path, folder: Path) -> Path:
+    """The scenes data laid out as MMEB is published, with no manifest: train/<task>/original-*
+    and eval/<task>/test-* parquet shards (the hard lists); returns the images' own root."""
+    info = load_manifest(scenes)
+    for task in info.tasks:
+        write_records(folder / "train" / task / "original-00000-of-00001.parquet",
+                      read_records(info.train_path(task), "train"))
+        lists = read_records(info.eval_path(task, "hard"), "eval")
+        for shard, part in enumerate((lists[:len(lists) // 2], lists[len(lists) // 2:])):
+            write_records(folder / "eval" / task / f"test-{shard:05d}-of-00002.parquet", part)
+    return info.image_root
+
+
+def test_gpu_pipeline_file_runs_on_a_folder_laid_out_as_mmeb_is_published(executed, capsys):
+    """pipelines/mmeb_gpu.yaml as shipped, on the tiny scenes data laid out as MMEB is published
+    (described in place by describe-mmeb, nothing moved), with the hub checkpoint swapped for a tiny
+    stand-in through --set style overrides: every parameter it names is declared and used."""
     studies_pipeline, _ = executed
     root = studies_pipeline.root
-    scenes = str(studies_pipeline.runs_dir / "data" / "scenes")
+    scenes = studies_pipeline.runs_dir / "data" / "scenes"
+    mmeb = root / "mmeb"
+    image_root = publish_like_mmeb(scenes, mmeb)
+    assert main(["describe-mmeb", str(mmeb), "--image-root", os.path.relpath(image_root, mmeb)]) == 0
+    assert "cls_object" in capsys.readouterr().out
     overrides = {
-        "base_checkpoint": "tiny-dual", "data": scenes, "data_dir": scenes, **TINY,
+        "base_checkpoint": "tiny-dual", "data": str(mmeb), "data_dir": str(scenes), **TINY,
         "finetune": {**FINETUNE, "gradcache_chunk_size": 4}, "seeds": [0],
-        "level": "hard", "levels": ["hard"], "failure_task": "cls_object", "failure_level": "hard",
-        "digits_steps": 2, "projection": "pca", "alphas": [0.0, 9.0], "ladder": False,
-        "n_resamples": 50,
+        "failure_task": "cls_object", "digits_steps": 2, "projection": "pca",
+        "alphas": [0.0, 9.0], "ladder": False, "n_resamples": 50,
     }
     pipeline = load_pipeline(REPO / "pipelines" / "mmeb_gpu.yaml", root=root, overrides=overrides)
     outcomes = run_pipeline(pipeline, log=lambda message: None)
     assert {o.run.name: o.error for o in outcomes if o.status != "ran"} == {}
     overlap = read_metrics(pipeline.runs_dir / "overlap.ipynb")
-    assert set(overlap["p_at_1_hard"]) == {"before", "info_nce", "weighted"}
+    assert set(overlap["p_at_1_test"]) == {"before", "info_nce", "weighted"}  # MMEB's level name
 
 
 def test_shipped_pipelines_only_name_declared_parameters():
