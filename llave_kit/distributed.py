@@ -37,6 +37,15 @@ def gather_row_counts(local_rows: int, device: torch.device) -> list[int]:
     return [int(c.item()) for c in counts]
 
 
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value` (a collective)."""
+    if not is_distributed():
+        return value
+    largest = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return int(largest.item())
+
+
 def local_row_offset(local_rows: int, device: torch.device) -> int:
     """Index of this rank's first row in the gathered (global) batch: the label offset."""
     return sum(gather_row_counts(local_rows, device)[: rank()])

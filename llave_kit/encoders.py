@@ -318,6 +318,17 @@ class LmmEmbedder(nn.Module):
         for module in self.family.vision_encoder(self.model):
             module.requires_grad_(False)
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer's activations in backward instead of storing them (transformers'
+        own switch, active in train mode): less memory, the same gradients. Non-reentrant, which
+        works with frozen inputs and under FSDP."""
+        if hasattr(self.model, "activation_checkpointing_enable"):  # its name since 5.2x
+            self.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def tokenize(self, texts: Sequence[str], images: Sequence[Image.Image | None],
                  instruction: str | None = None):
         """Chat prompts -> padded model inputs (a BatchFeature of tensors on the CPU)."""

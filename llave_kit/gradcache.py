@@ -17,19 +17,25 @@ Setup"; sentence-transformers' CachedMultipleNegativesRankingLoss) in four steps
        torch.autograd.backward(chunk_embeddings, cached_gradient).
     4. Put the RNG back where step 1 left it, so the replay leaves no trace in the training RNG.
 By the chain rule the parameters' gradients equal those of one backward over the whole batch.
+
+Under FSDP (`llave_kit.sharding`) every forward all-gathers weights, a collective, so a process
+with fewer chunks than its peers (fewer rows, or fewer explicit negatives) repeats its last chunk
+until the counts match, backpropagates a zero gradient through the repeats, and keeps them out of
+the training RNG: the run draws the dropout masks an unsharded one draws.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
-from llave_kit.distributed import is_distributed
+from llave_kit.distributed import is_distributed, max_over_ranks
 
 Group = tuple[str, Sequence[str], Sequence[Any]]  # (role "query" | "target", texts, images)
 
@@ -92,18 +98,24 @@ def gradcache_backward(net, loss_fn, groups, n_query, chunk_size, loss_scale, au
     chunks = [[(role, texts[i:i + chunk_size], images[i:i + chunk_size])]
               for role, texts, images in groups for i in range(0, len(texts), chunk_size)]
     device = next(net.parameters()).device
+    real = len(chunks)
+    if _sharded_root(net) is not None:  # as many forwards as the peers (module docstring)
+        chunks += [chunks[-1]] * (max_over_ranks(real, device) - real)
     states, pieces = [], []
     with torch.no_grad():  # step 1
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
             states.append(get_rng_state(device))
-            with autocast():
-                pieces.append(_full_precision(net(chunk)))
-    emb = torch.cat(pieces).requires_grad_()  # (B + M, D), a leaf: the loss's graph stops here
+            # a repeat draws no dropout masks from the training RNG: peers draw none either
+            with torch.random.fork_rng(rng_devices(device)) if i >= real else nullcontext():
+                with autocast():
+                    pieces.append(_full_precision(net(chunk)))
+    emb = torch.cat(pieces[:real]).requires_grad_()  # (B + M, D), a leaf: the loss's graph stops here
     loss = _loss_or_none(loss_fn, emb, n_query)  # step 2
     if loss is None:
         return torch.tensor(float("nan"), device=emb.device)
     loss_scale(loss).backward()
-    grads = emb.grad.split([len(piece) for piece in pieces])
+    grads = [*emb.grad.split([len(piece) for piece in pieces[:real]]),
+             *(torch.zeros_like(piece) for piece in pieces[real:])]
     for i, (chunk, grad) in enumerate(zip(chunks, grads)):  # step 3; fork_rng does step 4
         # Only the last chunk's backward may all-reduce: DDP would otherwise sync every chunk.
         with _sync(net, sync and i == len(chunks) - 1), torch.random.fork_rng(rng_devices(device)):
@@ -133,8 +145,28 @@ def _full_precision(emb: torch.Tensor) -> torch.Tensor:
 
 
 def _sync(net: nn.Module, sync: bool):
-    """DDP all-reduces gradients in every backward unless told not to (accumulation, chunks)."""
-    return nullcontext() if sync or not isinstance(net, DistributedDataParallel) else net.no_sync()
+    """DDP all-reduces gradients, FSDP reduce-scatters them, in every backward unless told not to
+    (accumulation, chunks); unsynchronised gradients add up on each process until a synced one."""
+    if sync:
+        return nullcontext()
+    if isinstance(net, DistributedDataParallel):
+        return net.no_sync()
+    root = _sharded_root(net)
+    return nullcontext() if root is None else _fsdp_no_sync(root)
+
+
+def _sharded_root(net: nn.Module) -> FSDPModule | None:
+    """The outermost FSDP-sharded module of `net` (the model under an `Encoder`), or None."""
+    return next((m for m in net.modules() if isinstance(m, FSDPModule)), None)
+
+
+@contextmanager
+def _fsdp_no_sync(root: FSDPModule) -> Iterator[None]:
+    root.set_requires_gradient_sync(False)  # FSDP2's no_sync, for every unit under the root
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,17 +14,21 @@ its queries (`encode_queries`) and its targets (`encode_targets`: positives, the
 negatives), and the loss contrasts every query with every target. Under torchrun the
 loss gathers all ranks' embeddings (`gather_across_devices=True`), so each query sees the global
 batch as negatives; DDP averages the gradients, which by the loss contract equals the gradient of
-the single-process loss on the global batch. `gradcache_chunk_size` embeds a batch in chunks with
-bounded memory and the same gradient (`llave_kit.gradcache`).
+the single-process loss on the global batch. `sharding="fsdp"` splits weights, gradients and
+optimizer state over the processes instead of copying them (`llave_kit.sharding`), with the same
+result. `gradcache_chunk_size` embeds a batch in chunks with bounded memory and the same gradient
+(`llave_kit.gradcache`); `gradient_checkpointing` recomputes an LMM's layers in backward.
 
 Output dir:
     config.json            the TrainConfig of the run
     metrics.jsonl          one record per `log_every` steps: step, epoch, loss, lr, grad_norm,
-                           examples_per_s, elapsed_s (loss and lr are those of that step)
+                           global_batch, candidates_per_query (what each query was contrasted
+                           with), examples_per_s, elapsed_s (loss and lr are those of that step)
     eval.jsonl             `eval_fn(model)` results: before training, every `eval_every`, at the end
-    checkpoints/step_00000100/   model, optimizer, scaler and RNG state
-                                 (layout in `llave_kit.checkpoints`); the newest `keep_last` kept
-    final/                 the trained model (`model.save_pretrained`, else model.safetensors)
+    checkpoints/step_00000100/   model, optimizer, scaler and RNG state (sharded under FSDP;
+                                 layout in `llave_kit.checkpoints`); the newest `keep_last` kept
+    final/                 the trained model (`model.save_pretrained`, else model.safetensors;
+                           under FSDP gathered into one folder, LoRA adapters merged)
 
 `resume=True` continues from the newest checkpoint: the data order depends only on (seed, epoch)
 and the step, so the resumed run replays the uninterrupted one (bit for bit on CPU). A resumed run
@@ -63,7 +67,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from llave_kit.checkpoints import (
@@ -81,9 +84,17 @@ from llave_kit.checkpoints import (
 from llave_kit.data import collate_train_pairs
 from llave_kit.distributed import is_distributed, rank, world_size
 from llave_kit.files import write_text
-from llave_kit.gradcache import Encoder, contrastive_backward, rng_devices
+from llave_kit.gradcache import contrastive_backward, rng_devices
 from llave_kit.losses import make_loss
 from llave_kit.progress import progress_bar
+from llave_kit.sharding import (
+    SHARDINGS,
+    check_shardable,
+    consolidated_embedder,
+    local_part,
+    whole,
+    wrap_model,
+)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("cosine", "constant")
@@ -102,6 +113,7 @@ RESUMABLE_FIELDS = frozenset({
     "output_dir", "resume", "overwrite",  # where the run lives (it may have been moved) and how
     # the same computation on other hardware, memory or loading processes
     "device", "num_workers", "gradcache_chunk_size", "find_unused_parameters",
+    "gradient_checkpointing",
 })
 
 
@@ -154,6 +166,15 @@ class TrainConfig:
     # the synchronised backward is the last chunk's only; False saves a graph traversal per step
     # when every trainable weight is used by every forward.
     find_unused_parameters: bool = True
+    # "ddp": every process holds the whole model; "fsdp": parameters, gradients and optimizer state
+    # split over the processes (FSDP2, an LmmEmbedder only; `llave_kit.sharding`). Same result.
+    sharding: str = "ddp"
+    # recompute each LMM layer's activations in backward instead of storing them: less memory,
+    # ~1/3 more compute, the same gradients (transformers' own switch; an LmmEmbedder only)
+    gradient_checkpointing: bool = False
+    # LoRA adapters on an LmmEmbedder's language model, all else frozen; merged into the weights
+    # of output_dir/final. None trains the model itself. Keys: `llave_kit.lora.check_lora_spec`.
+    lora: dict | None = None
     # bookkeeping
     output_dir: str = "runs/train"
     log_every: int = 1
@@ -170,8 +191,8 @@ class TrainConfig:
     model: str | None = None
     data: str | None = None
     image_root: str | None = None
-    # bad records in `data`: "raise" stops at the first (naming file and line), "skip" drops them,
-    # counts them in a warning and in the run's log
+    # bad records in `data`: "raise" stops at the first (naming file and line), "skip" drops them
+    # and `llave-kit train` prints how many, with the first one's problem
     on_error: str = "raise"
 
     @classmethod
@@ -221,6 +242,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise TrainConfigError(
                 f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.sharding not in SHARDINGS:
+            raise TrainConfigError(f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
         if self.on_error not in ("raise", "skip"):
             raise TrainConfigError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.schedule not in SCHEDULES:
@@ -232,6 +255,13 @@ class TrainConfig:
             make_loss(self.loss, **self.loss_parameters())
         except ValueError as error:
             raise TrainConfigError(str(error)) from None
+        if self.lora is not None:
+            from llave_kit.lora import check_lora_spec  # imports peft: only for LoRA runs
+
+            try:
+                self.lora = check_lora_spec(self.lora)
+            except ValueError as error:
+                raise TrainConfigError(str(error)) from None
 
     def _check_ranges(self) -> None:
         rules = [
@@ -559,6 +589,12 @@ class _Run:
     total_steps: int
     per_epoch: int
 
+    @property
+    def sharded(self) -> bool:
+        """Whether weights and optimizer state are split over processes: every rank then takes
+        part in each forward, evaluation and save (they are collectives)."""
+        return self.config.sharding == "fsdp" and self.runtime.world_size > 1
+
     def autocast(self):
         dtype = PRECISIONS[self.config.precision]
         if dtype is None:
@@ -581,20 +617,36 @@ def _check_precision(config: TrainConfig, device: torch.device) -> None:
     if config.precision == "fp16" and device.type != "cuda":
         raise TrainConfigError(
             "precision='fp16' needs CUDA (a GradScaler); use 'bf16' or 'fp32' on CPU")
+    if config.precision == "fp16" and config.sharding == "fsdp":
+        raise TrainConfigError("precision='fp16' is not supported with sharding='fsdp' (its "
+                               "GradScaler does not handle sharded gradients); use 'bf16'")
+
+
+def _prepare_model(config: TrainConfig, model: nn.Module, runtime: Runtime) -> nn.Module:
+    """Gradient checkpointing on, if asked; then the module each step calls (`net(groups)`),
+    under DDP or over the model sharded in place (`llave_kit.sharding`)."""
+    if config.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise TrainConfigError(
+                "gradient_checkpointing=True needs a model with gradient_checkpointing_enable() "
+                f"(an LmmEmbedder); {type(model).__name__} has none")
+        model.gradient_checkpointing_enable()
+    try:
+        check_shardable(model, config.sharding)
+    except TypeError as error:
+        raise TrainConfigError(str(error)) from None
+    return wrap_model(model, config.sharding, runtime, precision=config.precision,
+                      find_unused_parameters=config.find_unused_parameters)
 
 
 def _build_run(config, model, dataset, loss_fn) -> _Run:
     runtime = setup_runtime(config)
     _check_precision(config, runtime.device)
     model.to(runtime.device)
-    optimizer = build_optimizer(model, config)
     per_epoch = batches_per_epoch(len(dataset), config.batch_size, runtime.world_size)
     steps = total_steps(config, per_epoch)
-    net = Encoder(model)
-    if runtime.world_size > 1:  # DDP also broadcasts rank 0's weights, so all ranks start equal
-        net = DistributedDataParallel(
-            net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-            find_unused_parameters=config.find_unused_parameters)
+    net = _prepare_model(config, model, runtime)
+    optimizer = build_optimizer(model, config)  # after sharding, which replaces the parameters
     return _Run(
         config, runtime, model, net,
         loss_fn if loss_fn is not None else build_loss(config, gather=runtime.world_size > 1),
@@ -678,12 +730,16 @@ def _train_step(run: _Run, batches: Iterator[dict], step: int, checkpoint: Path 
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     loss = torch.zeros((), device=run.runtime.device)
+    targets = 0
     for i in range(steps):
+        batch = next(batches)
+        targets += len(batch["pos_texts"]) + len(batch.get("neg_texts", []))
         loss += contrastive_backward(
-            run.net, run.loss_fn, next(batches), chunk_size=run.config.gradcache_chunk_size,
+            run.net, run.loss_fn, batch, chunk_size=run.config.gradcache_chunk_size,
             loss_scale=run.loss_scale, autocast=run.autocast, sync=i == steps - 1)
-    grad_norm = _unscale_and_clip(run)
-    loss_sum, norm_sum = _sum_over_ranks([loss / steps, grad_norm], run.runtime.device)
+    grad_norm = whole(_unscale_and_clip(run))  # under FSDP a norm over sharded gradients
+    loss_sum, norm_sum, candidates = _sum_over_ranks(
+        [loss / steps, grad_norm, torch.tensor(targets / steps)], run.runtime.device)
     loss_value = loss_sum / run.runtime.world_size
     if not math.isfinite(loss_value):
         raise NonFiniteLossError(step, loss_value, checkpoint)
@@ -696,11 +752,16 @@ def _train_step(run: _Run, batches: Iterator[dict], step: int, checkpoint: Path 
     else:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    examples = run.config.batch_size * steps * run.runtime.world_size
-    # grad_norm is the same on every rank: DDP has averaged the gradients
+    global_batch = run.config.batch_size * run.runtime.world_size
+    # grad_norm is the same on every rank: DDP has averaged the gradients. What the loss contrasts
+    # is candidates_per_query, not "the batch size": every rank's positives and explicit negatives
+    # of one contrastive batch (gathered; mean over accumulated ones, which add no candidates).
+    # LLaVE's script contrasts 4 pairs x 8 GPUs = 32 candidates a query; its "batch 256" counts
+    # accumulation.
     return {"step": step, "epoch": step * steps / run.per_epoch, "loss": loss_value, "lr": lr,
-            "grad_norm": grad_norm.item(),
-            "examples_per_s": examples / (time.perf_counter() - start)}
+            "grad_norm": grad_norm.item(), "global_batch": global_batch,
+            "candidates_per_query": candidates,
+            "examples_per_s": global_batch * steps / (time.perf_counter() - start)}
 
 
 def _unscale_and_clip(run: _Run) -> torch.Tensor:
@@ -720,7 +781,9 @@ def _first_non_finite(run: _Run) -> str | None:
                 for p, state in run.optimizer.state.items() for value in state.values()
                 if torch.is_tensor(value)]
     device = run.runtime.device
-    finite = torch.stack([torch.isfinite(value).all().to(device) for _, value in tensors]).tolist()
+    # Under FSDP each rank checks its own shards; the sum over ranks below covers the rest.
+    finite = torch.stack([torch.isfinite(local_part(value)).all().to(device)
+                          for _, value in tensors]).tolist()
     bad = [name for (name, _), ok in zip(tensors, finite) if not ok]
     (bad_anywhere,) = _sum_over_ranks([torch.tensor(float(bool(bad)))], device)
     if not bad_anywhere:
@@ -729,9 +792,13 @@ def _first_non_finite(run: _Run) -> str | None:
 
 
 def _evaluate(run: _Run, eval_fn: Callable, step: int) -> dict:
-    """eval_fn(model) on the main process, in eval mode, without touching the training RNG."""
+    """eval_fn(model) on the main process, in eval mode, without touching the training RNG.
+
+    A sharded model runs on every rank (each forward gathers weights from all of them), so under
+    FSDP every rank calls eval_fn, and the main process's results are kept.
+    """
     metrics = {}
-    if run.runtime.is_main:
+    if run.runtime.is_main or run.sharded:
         run.model.eval()
         with torch.no_grad(), torch.random.fork_rng(rng_devices(run.runtime.device)):
             metrics = dict(eval_fn(run.model))
@@ -747,16 +814,39 @@ def _save(run: _Run, step: int, elapsed: float, checkpoint: Path | None) -> Path
         raise NonFiniteStateError(step, bad, checkpoint)
     rng_states = gather_rng(run.runtime)
     path = checkpoint_dir(run.output_dir, step)
-    if run.runtime.is_main:
-        micro = step * run.config.grad_accum_steps
-        epoch, batch_in_epoch = divmod(micro, run.per_epoch)
-        info = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                "world_size": run.runtime.world_size, "elapsed_s": elapsed,
-                "config": run.config.to_dict()}
-        save_checkpoint(path, run.model, run.optimizer, run.scaler, info, rng_states,
-                        run.config.keep_last)
-    _barrier()
+    micro = step * run.config.grad_accum_steps
+    epoch, batch_in_epoch = divmod(micro, run.per_epoch)
+    info = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "world_size": run.runtime.world_size, "sharded": run.sharded, "elapsed_s": elapsed,
+            "config": run.config.to_dict()}
+    save_checkpoint(path, run.model, run.optimizer, run.scaler, info, rng_states,
+                    run.config.keep_last, run.runtime)
     return path
+
+
+def _start_line(run: _Run) -> str:
+    """What one step contrasts, said up front: "batch size" alone misleads (see _train_step)."""
+    config, world = run.config, run.runtime.world_size
+    return (f"training {run.total_steps} steps: {world} process(es) x batch {config.batch_size} = "
+            f"global batch {config.batch_size * world}; each query is contrasted with the global "
+            "batch's positives and explicit negatives (candidates_per_query in metrics.jsonl); "
+            f"{config.grad_accum_steps} contrastive batch(es) accumulated per step, which add no "
+            f"candidates; {'FSDP-sharded' if run.sharded else 'DDP' if world > 1 else 'one process'}")
+
+
+def _save_final(run: _Run) -> Path:
+    """output_dir/final, written by the main process. A sharded model is first gathered into a
+    plain copy on rank 0 (every rank takes part), which is what gets saved; the trained model
+    stays sharded."""
+    model = consolidated_embedder(run.model, run.config.lora) if run.sharded else run.model
+    if model is not None and run.config.lora is not None:
+        from llave_kit.lora import merge_lora
+
+        merge_lora(model)  # so that final/ holds plain weights, which any loader reads
+    if run.runtime.is_main:
+        save_final_model(model, run.output_dir)
+    _barrier()
+    return run.output_dir / "final"
 
 
 def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable | None = None,
@@ -765,12 +855,20 @@ def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable |
 
     dataset: a map-style dataset of train-pair dicts (`llave_kit.data.TrainPairDataset`);
     collate_fn: default `llave_kit.data.collate_train_pairs`; eval_fn(model) -> {metric: value},
-    logged to eval.jsonl; loss_fn(query, target) -> scalar replaces the configured loss (it must
+    logged to eval.jsonl (run by the main process; by every process when sharded);
+    loss_fn(query, target) -> scalar replaces the configured loss (it must
     gather across devices itself under torchrun). Raises TrainConfigError (before writing
     anything) on a config that does not fit the output_dir, data or device, and a NonFiniteError
     on a nan/inf loss, gradient norm or weight.
     """
     collate_fn = collate_fn or collate_train_pairs
+    if config.lora is not None:  # before the optimizer and DDP collect the trainable parameters
+        from llave_kit.lora import add_lora
+
+        try:
+            add_lora(model, config.lora, seed=config.seed)
+        except (TypeError, ValueError) as error:  # not an LmmEmbedder, or no such target module
+            raise TrainConfigError(str(error)) from None
     run = _build_run(config, model, dataset, loss_fn)
     resume_from = _open_output_dir(run)
     start_step, elapsed = _restore(run, resume_from)
@@ -783,6 +881,8 @@ def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable |
     if eval_fn is not None and start_step == 0:
         evals.append(_evaluate(run, eval_fn, 0))  # the starting point, for "before vs after"
     clock = time.perf_counter() - elapsed  # elapsed_s continues across resumes
+    if run.runtime.is_main:
+        print(_start_line(run), file=sys.stderr)
     progress = progress_bar(range(start_step + 1, run.total_steps + 1), initial=start_step,
                             total=run.total_steps, desc="train", disable=not run.runtime.is_main)
     for step in progress:
@@ -797,10 +897,7 @@ def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable |
             evals.append(_evaluate(run, eval_fn, step))
         if last or (config.save_every and step % config.save_every == 0):
             checkpoint = _save(run, step, time.perf_counter() - clock, checkpoint)
-    final = run.output_dir / "final"
-    if run.runtime.is_main:
-        save_final_model(model, run.output_dir)
-    _barrier()
+    final = _save_final(run)
     return TrainResult(metrics.records, evals.records, checkpoint, final, run.output_dir)
 
 

@@ -160,7 +160,7 @@ def test_first_step_equals_hand_written_reference(tmp_path):
 # A run end to end: learning, outputs, resume, guard rails
 
 
-def test_training_lowers_the_loss_and_writes_the_output_dir(tmp_path):
+def test_training_lowers_the_loss_and_writes_the_output_dir(tmp_path, capsys):
     cfg = config(tmp_path, max_steps=30, save_every=10, keep_last=2, log_every=5)
     seen = []
     model = TinyEmbedder()
@@ -175,8 +175,17 @@ def test_training_lowers_the_loss_and_writes_the_output_dir(tmp_path):
     assert [r["step"] for r in result.history] == [5, 10, 15, 20, 25, 30]
     assert np.mean(losses[-2:]) < 0.8 * losses[0]
     assert read_jsonl(out / "metrics.jsonl") == result.history
-    assert set(result.history[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "examples_per_s",
-                                      "elapsed_s"}
+    assert set(result.history[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "global_batch",
+                                      "candidates_per_query", "examples_per_s", "elapsed_s"}
+    # what the loss contrasts: 8 positives and the explicit negatives (every 2nd item has one)
+    assert result.history[0]["global_batch"] == 8
+    expected = []
+    for step in [5, 10, 15, 20, 25, 30]:
+        epoch, batch = divmod(step - 1, 8)
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(epoch)).tolist()
+        expected.append(8 + sum(i % 2 == 0 for i in order[8 * batch: 8 * batch + 8]))
+    assert [r["candidates_per_query"] for r in result.history] == expected
+    assert "global batch 8" in capsys.readouterr().err
     assert [r["step"] for r in result.eval_history] == [0, 30] and seen == [False, False]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000020",
                                                                         "step_00000030"]
