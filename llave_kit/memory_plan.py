@@ -187,6 +187,8 @@ def estimate_training_memory(size: ModelSize, *, gpus: int, sharding: str, lora:
         raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
     if gpus < 1 or seq_len < 1:
         raise ValueError(f"gpus and seq_len must be >= 1, got {gpus} and {seq_len}")
+    if gpus == 1:  # one process has nothing to shard: the kit trains it unsharded (sharding.py)
+        sharding = "ddp"
     if precision is None:  # as the kit trains: autocast under DDP, bf16 parameters under FSDP
         precision = Precision(autocast=sharding == "ddp")
     trainable = size.lora if lora else size.trainable
@@ -216,10 +218,10 @@ def estimate_training_memory(size: ModelSize, *, gpus: int, sharding: str, lora:
 def plan_table(gpu_gib: float = 80, seq_len: int = 1024, gpu_counts: tuple[int, ...] = (1, 8)) -> str:
     """Markdown: per model, sharding, full/LoRA and checkpointing, the static GiB per GPU and the
     largest number of sequences in flight (a GradCache chunk) that fits, for each GPU count."""
-    head = ["model", "params (trainable full / LoRA)", "sharding", "train", "act. ckpt",
-            "act. GiB / seq"]
-    for n in gpu_counts:
-        head += [f"static GiB / GPU ({n} GPU)", f"max seqs in flight ({n} GPU)"]
+    head = ["model", "params (trainable full / LoRA)", "sharding", "train", "act. ckpt"]
+    for n in gpu_counts:  # activations differ too: one GPU trains unsharded, autocast included
+        head += [f"static GiB / GPU ({n} GPU)", f"act. GiB / seq ({n} GPU)",
+                 f"max seqs in flight ({n} GPU)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, make_config in RECIPE_MODELS.items():
         size = size_of_config(make_config())
@@ -230,14 +232,13 @@ def plan_table(gpu_gib: float = 80, seq_len: int = 1024, gpu_counts: tuple[int, 
                     row = [name, f"{total / 1e9:.2f} B ({size.trainable / 1e9:.2f} B / "
                            f"{size.lora / 1e6:.1f} M)", sharding.upper(), "LoRA" if lora else "full",
                            "on" if checkpointing else "off"]
-                    for i, gpus in enumerate(gpu_counts):
+                    for gpus in gpu_counts:
                         estimate = estimate_training_memory(
                             size, gpus=gpus, sharding=sharding, lora=lora,
                             checkpointing=checkpointing, seq_len=seq_len)
-                        if i == 0:
-                            row.append(f"{estimate.per_sequence / GIB:.2f}")
                         chunk = estimate.largest_chunk(gpu_gib * GIB)
-                        row += [f"{estimate.static / GIB:.1f}", str(chunk) if chunk else "no fit"]
+                        row += [f"{estimate.static / GIB:.1f}", f"{estimate.per_sequence / GIB:.2f}",
+                                str(chunk) if chunk else "no fit"]
                     lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -71,13 +71,17 @@ def test_static_part_equals_the_tiny_models_parameters_gradients_and_adamw_momen
 def test_fsdp_divides_the_static_part_and_ddp_adds_its_gradient_buckets():
     size = size_of_config(RECIPE_MODELS["LLaVA-OV-0.5B"]())
     kwargs = dict(lora=False, checkpointing=True, seq_len=1, precision=FP32)
-    one = estimate_training_memory(size, gpus=1, sharding="fsdp", **kwargs).static
+    two = estimate_training_memory(size, gpus=2, sharding="fsdp", **kwargs).static
     eight = estimate_training_memory(size, gpus=8, sharding="fsdp", **kwargs).static
     unit = 2 * size.layer * 2  # the gathered bf16 layers
-    assert eight - unit == pytest.approx((one - unit) / 8)
+    assert eight - unit == pytest.approx((two - unit) / 4)
     ddp_one = estimate_training_memory(size, gpus=1, sharding="ddp", **kwargs).static
     ddp_eight = estimate_training_memory(size, gpus=8, sharding="ddp", **kwargs).static
     assert ddp_eight - ddp_one == size.trainable * 4
+    # one process trains unsharded whatever `sharding` says, so it needs what DDP's single GPU does
+    assert estimate_training_memory(size, gpus=1, sharding="fsdp", lora=False, checkpointing=True,
+                                    seq_len=8) == estimate_training_memory(
+        size, gpus=1, sharding="ddp", lora=False, checkpointing=True, seq_len=8)
 
 
 RSS_CHILD = textwrap.dedent("""
