@@ -869,8 +869,15 @@ def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable |
             add_lora(model, config.lora, seed=config.seed)
         except (TypeError, ValueError) as error:  # not an LmmEmbedder, or no such target module
             raise TrainConfigError(str(error)) from None
-    run = _build_run(config, model, dataset, loss_fn)
-    resume_from = _open_output_dir(run)
+    try:
+        run = _build_run(config, model, dataset, loss_fn)
+        resume_from = _open_output_dir(run)
+    except TrainConfigError:
+        if config.lora is not None:  # fresh adapters add B @ A = 0: merging gives the model back
+            from llave_kit.lora import merge_lora
+
+            merge_lora(model)
+        raise
     start_step, elapsed = _restore(run, resume_from)
     checkpoint = resume_from[0] if resume_from is not None else None
     kept = start_step if checkpoint is not None else -1  # records the checkpoint already covers

@@ -95,6 +95,21 @@ def test_lora_needs_an_lmm_embedder_and_existing_target_modules(tmp_path):
         merge_lora(embedder)
 
 
+def test_a_refused_lora_run_leaves_the_model_as_it_was(tmp_path):
+    embedder = tiny()
+    before = {name: (p.detach().clone(), p.requires_grad) for name, p in embedder.named_parameters()}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")  # the output_dir holds another run
+    with pytest.raises(TrainConfigError, match="overwrite"):
+        train(lora_config(tmp_path / "run"), embedder, make_items(16), collate_fn=collate)
+    assert not has_lora(embedder)
+    after = dict(embedder.named_parameters())
+    assert after.keys() == before.keys()
+    for name, (value, trainable) in before.items():
+        assert torch.equal(after[name], value) and after[name].requires_grad == trainable, name
+    train(lora_config(tmp_path / "run", overwrite=True), embedder, make_items(16), collate_fn=collate)
+
+
 # --------------------------------------------------------------------------------------------------
 # Adapters and merging
 
