@@ -154,7 +154,8 @@ def _describe_mmeb(args: argparse.Namespace) -> int:
     for task in info.tasks:
         spec = info.task(task)
         skipped, images = sum(spec["skipped"].values()), spec["images"]
-        where = "in distribution" if spec["in_distribution"] else "out of distribution"
+        where = {True: "in distribution", False: "out of distribution",
+                 None: "not an MMEB data set"}[spec["in_distribution"]]
         line = (f"{task}: {spec['meta_task']}, {where}; records: train {spec['n_train']}, "
                 f"eval {spec['n_eval']}" + (f", skipped {skipped}" if skipped else "")
                 + f"; images: {images['checked']} of {images['referenced']} checked, "
@@ -166,6 +167,9 @@ def _describe_mmeb(args: argparse.Namespace) -> int:
           f"candidate lists, {counts['skipped']} bad records skipped, "
           f"{counts['images_missing']} of {counts['images_checked']} checked images missing "
           f"(image root {info.image_root}); wrote {info.root / 'manifest.json'}")
+    if counts["images_checked"] and counts["images_missing"] == counts["images_checked"]:
+        print(f"warning: none of the checked images is under {info.image_root}: is --image-root "
+              "right? (it is the folder the records' image paths start from)", file=sys.stderr)
     return 0
 
 

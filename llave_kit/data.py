@@ -728,6 +728,11 @@ MMEB_IN_DISTRIBUTION = frozenset([
     "WebQA", "MSCOCO"])
 
 
+def mmeb_in_distribution(name: str) -> bool | None:
+    """True for MMEB-train's 20 data sets, False for MMEB's other 16, None for any other name."""
+    return name in MMEB_IN_DISTRIBUTION if name in MMEB_META_TASKS else None
+
+
 # MMEB-train spells one subset differently from its MMEB-eval dataset.
 MMEB_TRAIN_NAMES = {"ImageNet_1K": "ImageNet-1K"}
 MMEB_EVAL_SPLIT = "test"
@@ -815,7 +820,7 @@ def _mmeb_manifest(root: Path, found: dict, image_root, train_splits, level: str
             [f.relative_to(root).as_posix() for f in found[kind].get(name, [])]
             for kind in ("train", "eval"))
         tasks[name] = {"meta_task": lookup.get(name, "other"),
-                       "in_distribution": name in MMEB_IN_DISTRIBUTION,
+                       "in_distribution": mmeb_in_distribution(name),
                        "train": train or None, "eval": {level: evaluation} if evaluation else {}}
     splits = _checked_splits(train_splits)
     return {"name": root.resolve().name, "version": MANIFEST_VERSION, "seed": None,

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llave_kit.data import MMEB_IN_DISTRIBUTION, MMEB_META_TASKS, DatasetInfo
+from llave_kit.data import MMEB_META_TASKS, DatasetInfo, mmeb_in_distribution
 from llave_kit.evaluation import check_tie_rule, model_fingerprint, score_eval_set
 from llave_kit.files import write_text
 from llave_kit.progress import progress_bar
@@ -107,8 +107,7 @@ def score_mmeb(
                                 batch_size=batch_size, cache_dir=cache_dir, model_key=model_key,
                                 progress=False)
         rows[name] = {"meta_task": data.meta_task(name), "level": chosen[name],
-                      "in_distribution": (name in MMEB_IN_DISTRIBUTION
-                                          if name in MMEB_META_TASKS else None),
+                      "in_distribution": mmeb_in_distribution(name),
                       "p@1": float(np.mean(scores.ranks == 1)), "queries": len(scores.ranks),
                       "candidates": scores.n_candidates, **_table_one(scores.stats),
                       "seconds": round(time.perf_counter() - started, 2)}
@@ -139,8 +138,8 @@ def summarize(p_at_1: Mapping[str, float], meta_tasks: Mapping[str, str]) -> dic
     for name, value in p_at_1.items():
         if meta_tasks[name] in META_TASK_COLUMNS:
             members[META_TASK_COLUMNS[meta_tasks[name]]].append(value)
-        if name in MMEB_META_TASKS:
-            members["IND" if name in MMEB_IN_DISTRIBUTION else "OOD"].append(value)
+        if (in_distribution := mmeb_in_distribution(name)) is not None:
+            members["IND" if in_distribution else "OOD"].append(value)
         members["Overall"].append(value)
     return {column: {"p@1": float(np.mean(values)) if values else None, "datasets": len(values)}
             for column, values in members.items()}

@@ -20,6 +20,7 @@ from llave_kit.data import (
     EvalDataset,
     SkippedRecordsWarning,
     TrainPairDataset,
+    load_manifest,
     open_mmeb_folder,
     read_records,
     write_mmeb_manifest,
@@ -102,7 +103,7 @@ def test_describe_mmeb_counts_records_meta_tasks_distribution_and_missing_images
         spec = tasks[task]
         assert (spec["n_train"], spec["n_eval"]) == (n_train, n_eval)
         assert spec["meta_task"] == MMEB_META_TASKS[task]
-        assert spec["in_distribution"] == (task in MMEB_IN_DISTRIBUTION)
+        assert spec["in_distribution"] == (task in MMEB_IN_DISTRIBUTION)  # all three are MMEB's
         referenced = {r["qry_img_path"] for f in [*EVAL_SHARDS, *FLAT_EVAL]
                       if f.split("/")[1].split(".")[0] == task for r in read_records(published / f, "eval")}
         referenced |= {r["qry_image_path"] for f in spec["train"] or []
@@ -119,6 +120,19 @@ def test_describe_mmeb_counts_records_meta_tasks_distribution_and_missing_images
     assert tasks["ObjectNet"]["eval"] == {"test": list(FLAT_EVAL)}
     assert manifest["counts"]["images_missing"] == 1 and manifest["counts"]["skipped"] == 0
     assert "1 of 6 checked images missing" in printed[-1]
+
+
+def test_a_wrong_image_root_is_pointed_out_and_other_names_are_not_called_mmeb(
+        published, capsys):
+    (published / "eval" / "ObjectNet.jsonl").rename(published / "eval" / "my_set.jsonl")
+    assert main(["describe-mmeb", str(published)]) == 0  # the images are in ../images
+    printed = capsys.readouterr()
+    assert "none of the checked images is under" in printed.err and "--image-root" in printed.err
+    line = next(line for line in printed.out.splitlines() if line.startswith("my_set: "))
+    assert line.startswith("my_set: other, not an MMEB data set;")
+    assert load_manifest(published).task("my_set")["in_distribution"] is None
+    assert main(["describe-mmeb", str(published), "--image-root", "../images"]) == 0
+    assert "warning" not in capsys.readouterr().err  # only my_set's one image is missing
 
 
 def test_a_sample_of_images_is_checked_when_asked(published):
