@@ -77,9 +77,13 @@ def wrap_model(model: nn.Module, sharding: str, runtime: Runtime, *, precision: 
 
 
 def check_shardable(model: nn.Module, sharding: str) -> None:
-    """TypeError unless `model` can be trained with `sharding`: FSDP knows an LmmEmbedder's units."""
+    """TypeError unless `model` can be trained with `sharding` (FSDP knows an LmmEmbedder's
+    units), ValueError when this torch is too old for FSDP."""
     if sharding != "fsdp":
         return
+    if not hasattr(FSDPModule, "set_reduce_scatter_unused_params"):  # added in torch 2.13
+        raise ValueError(f"sharding='fsdp' needs torch >= 2.13 (FSDP2 reducing the gradients of "
+                         f"parameters a process did not use); this is torch {torch.__version__}")
     from llave_kit.encoders import LmmEmbedder  # imports transformers: only for sharded runs
 
     if not isinstance(model, LmmEmbedder):

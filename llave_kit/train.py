@@ -633,7 +633,7 @@ def _prepare_model(config: TrainConfig, model: nn.Module, runtime: Runtime) -> n
         model.gradient_checkpointing_enable()
     try:
         check_shardable(model, config.sharding)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise TrainConfigError(str(error)) from None
     return wrap_model(model, config.sharding, runtime, precision=config.precision,
                       find_unused_parameters=config.find_unused_parameters)

@@ -245,6 +245,16 @@ def test_sharding_and_checkpointing_mistakes_are_named(tmp_path, fields, message
     assert not (tmp_path / "run").exists()
 
 
+def test_fsdp_on_a_torch_without_unused_parameter_reduction_is_refused(tmp_path, monkeypatch):
+    from torch.distributed.fsdp import FSDPModule
+
+    monkeypatch.delattr(FSDPModule, "set_reduce_scatter_unused_params")  # as before torch 2.13
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=4, sharding="fsdp")
+    with pytest.raises(TrainConfigError, match=r"sharding='fsdp' needs torch >= 2\.13"):
+        train(cfg, tiny_lmm(), ITEMS, collate_fn=collate)
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # torchrun end to end
 
