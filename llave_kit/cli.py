@@ -209,10 +209,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         write_report,
     )
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     image_root = None if args.image_root is None else Path(args.image_root).absolute()
     ties = args.ties or DEFAULT_TIES
     try:
+        device = _available_device(args.device)
         data = open_mmeb_folder(args.data, image_root)
         eval_sets(data, args.datasets, args.level)  # what is cheap to check, before the model loads
         check_tie_rule(ties)
@@ -225,12 +225,35 @@ def _evaluate(args: argparse.Namespace) -> int:
         embedder = load_embedder(args.model, device=device, **precision)
         report = score_mmeb(embedder, data, args.datasets, level=args.level, model=args.model,
                             ties=ties, batch_size=args.batch_size, cache_dir=args.cache_dir)
-    except (OSError, ValueError) as error:  # names the folder, file, record or model
+        print(report_markdown(report), end="")
+        if args.out is not None:
+            write_report(report, args.out)
+    except (OSError, ValueError) as error:  # names the folder, file, record, model or device
         raise UsageError(str(error)) from None
-    print(report_markdown(report), end="")
-    if args.out is not None:
-        write_report(report, args.out)
     return 0
+
+
+def _available_device(name: str | None):
+    """The torch device `name` names (default: cuda when there is one, else cpu); ValueError for a
+    name torch cannot read or a GPU this machine does not have."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s)")
+    return device
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _add_evaluate(commands) -> None:
@@ -250,7 +273,7 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--ties", metavar="RULE",
                           help="positive-first (default, as MMEB's evaluator: a wrong candidate "
                                "that ties the positive ranks below it) or pessimistic (above it)")
-    evaluate.add_argument("--batch-size", type=int, default=32, metavar="N",
+    evaluate.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                           help="items embedded at a time (default: %(default)s)")
     evaluate.add_argument("--image-root", metavar="DIR",
                           help="images folder (default: the folder's manifest, else --data)")

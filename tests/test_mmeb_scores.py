@@ -205,12 +205,20 @@ def test_cli_writes_json_and_markdown_in_the_papers_column_order(folder, model_d
     (["--ties", "optimistic"], "ties must be one of"),
     (["--out", "scores.txt"], "must end in .json"),
     (["--dtype", "bfloat16"], "--dtype applies to LMM checkpoints"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+    (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device(s)"),
 ])
 def test_cli_mistakes_print_one_line_and_exit_2(folder, model_dir, arguments, message, capsys):
     # A repeated option takes its last value, so `arguments` replace the working ones.
     assert main(["evaluate", "--model", str(model_dir), "--data", str(folder), *arguments]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error and error.count("\n") == 1
+
+
+def test_cli_refuses_a_batch_size_below_1(folder, model_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--model", str(model_dir), "--data", str(folder), "--batch-size", "0"])
+    assert exit_.value.code == 2 and "expected a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_cli_folder_without_eval_sets_exits_2(tmp_path, capsys):
