@@ -25,8 +25,8 @@ the training RNG: the run draws the dropout masks an unsharded one draws.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -145,28 +145,21 @@ def _full_precision(emb: torch.Tensor) -> torch.Tensor:
 
 
 def _sync(net: nn.Module, sync: bool):
-    """DDP all-reduces gradients, FSDP reduce-scatters them, in every backward unless told not to
-    (accumulation, chunks); unsynchronised gradients add up on each process until a synced one."""
-    if sync:
+    """DDP all-reduces gradients in every backward unless told not to (accumulation, chunks):
+    unsynchronised gradients add up on each process until a synced backward.
+
+    FSDP reduce-scatters in every backward regardless. Unsynchronised, each process would hold the
+    whole model's unsharded fp32 gradients until the synced backward, the memory FSDP exists to
+    save; one reduce-scatter per chunk instead adds communication and keeps gradients sharded.
+    """
+    if sync or not isinstance(net, DistributedDataParallel):
         return nullcontext()
-    if isinstance(net, DistributedDataParallel):
-        return net.no_sync()
-    root = _sharded_root(net)
-    return nullcontext() if root is None else _fsdp_no_sync(root)
+    return net.no_sync()
 
 
 def _sharded_root(net: nn.Module) -> FSDPModule | None:
     """The outermost FSDP-sharded module of `net` (the model under an `Encoder`), or None."""
     return next((m for m in net.modules() if isinstance(m, FSDPModule)), None)
-
-
-@contextmanager
-def _fsdp_no_sync(root: FSDPModule) -> Iterator[None]:
-    root.set_requires_gradient_sync(False)  # FSDP2's no_sync, for every unit under the root
-    try:
-        yield
-    finally:
-        root.set_requires_gradient_sync(True)
 
 
 # --------------------------------------------------------------------------------------------------

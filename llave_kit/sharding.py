@@ -115,10 +115,6 @@ def shard_model(model: nn.Module, policy: MixedPrecisionPolicy) -> None:
     model.set_reduce_scatter_unused_params(True)
 
 
-def is_sharded(module: nn.Module) -> bool:
-    return isinstance(module, FSDPModule)
-
-
 def local_part(tensor: torch.Tensor) -> torch.Tensor:
     """This process's shard of a sharded tensor (a DTensor); any other tensor as it is."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
