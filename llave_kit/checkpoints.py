@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from llave_kit.distributed import barrier
 from llave_kit.files import staged_directory, write_text
 from llave_kit.gradcache import get_rng_state, set_rng_state
 from llave_kit.sharding import load_sharded_state, save_sharded_state
@@ -100,7 +101,7 @@ def save_checkpoint(path: Path, model, optimizer, scaler, info: dict, rng_states
     if runtime.is_main:
         for old in sorted(path.parent.glob("step_*"), key=lambda p: p.name)[:-keep_last]:
             discard(old)
-    _barrier(runtime)
+    barrier()
     return path
 
 
@@ -138,19 +139,14 @@ def _staged_on_main(path: Path, runtime: Runtime, every_rank_writes: bool) -> It
                 dist.broadcast_object_list([stage], src=0)
             yield stage
             if every_rank_writes:
-                _barrier(runtime)
+                barrier()
     else:
         shared = [None]
         if every_rank_writes:
             dist.broadcast_object_list(shared, src=0)
         yield shared[0]
         if every_rank_writes:
-            _barrier(runtime)
-
-
-def _barrier(runtime: Runtime) -> None:
-    if runtime.world_size > 1:
-        dist.barrier()
+            barrier()
 
 
 def load_checkpoint(path: Path, info: dict, model, optimizer, scaler, runtime: Runtime) -> None:

@@ -27,6 +27,12 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def gather_row_counts(local_rows: int, device: torch.device) -> list[int]:
     """Number of rows each rank holds, in rank order."""
     if not is_distributed():

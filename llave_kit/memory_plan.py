@@ -54,9 +54,9 @@ from transformers import (
 
 from llave_kit.encoders import LmmEmbedder
 from llave_kit.lora import DEFAULT_LORA_SPEC
+from llave_kit.sharding import SHARDINGS
 
 GIB = 2**30
-SHARDINGS = ("ddp", "fsdp")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -160,9 +160,9 @@ def _scored_tasks(model: Embedder, data: DatasetInfo, levels: Iterable[str], tas
     for task in tasks or data.tasks:
         for level in levels:
             if level in data.levels(task):
-                yield task, level, score_eval_set(model, data.eval_dataset(task, level), k=k,
-                                                  cache_dir=cache_dir, model_key=model_key,
-                                                  **_EMBEDDING)
+                lists = data.eval_dataset(task, level, check_images=False)  # opened as embedded
+                yield task, level, score_eval_set(model, lists, k=k, cache_dir=cache_dir,
+                                                  model_key=model_key, **_EMBEDDING)
 
 
 def evaluate_tasks(

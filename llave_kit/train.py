@@ -81,8 +81,8 @@ from llave_kit.checkpoints import (
     save_checkpoint,
     save_final_model,
 )
-from llave_kit.data import collate_train_pairs
-from llave_kit.distributed import is_distributed, rank, world_size
+from llave_kit.data import check_on_error, collate_train_pairs
+from llave_kit.distributed import barrier, is_distributed, rank, world_size
 from llave_kit.files import write_text
 from llave_kit.gradcache import contrastive_backward, rng_devices
 from llave_kit.losses import make_loss
@@ -244,8 +244,10 @@ class TrainConfig:
                 f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.sharding not in SHARDINGS:
             raise TrainConfigError(f"sharding must be one of {SHARDINGS}, got {self.sharding!r}")
-        if self.on_error not in ("raise", "skip"):
-            raise TrainConfigError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        try:
+            check_on_error(self.on_error)
+        except ValueError as error:
+            raise TrainConfigError(str(error)) from None
         if self.schedule not in SCHEDULES:
             raise TrainConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for key, why in _RESERVED_LOSS_KWARGS.items():
@@ -442,11 +444,6 @@ def _sum_over_ranks(values: list[torch.Tensor], device: torch.device) -> list[fl
     if is_distributed():
         dist.all_reduce(stacked)
     return stacked.tolist()
-
-
-def _barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -670,7 +667,7 @@ def _open_output_dir(run: _Run) -> tuple[Path, dict] | None:
     if config.resume and newest is not None:
         resume_from = newest, checkpoint_state(newest)
         _check_resumable(run, *resume_from)
-    _barrier()  # every rank has looked before the main process deletes anything
+    barrier()  # every rank has looked before the main process deletes anything
     if run.runtime.is_main:
         if not config.resume:
             for name in ("checkpoints", "final"):  # first: a kill half-way leaves no checkpoint
@@ -681,7 +678,7 @@ def _open_output_dir(run: _Run) -> tuple[Path, dict] | None:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         remove_partial_saves(out)
         write_text(out / "config.json", json.dumps(config.to_dict(), indent=1))
-    _barrier()
+    barrier()
     return resume_from
 
 
@@ -803,7 +800,7 @@ def _evaluate(run: _Run, eval_fn: Callable, step: int) -> dict:
         with torch.no_grad(), torch.random.fork_rng(rng_devices(run.runtime.device)):
             metrics = dict(eval_fn(run.model))
         run.model.train()
-    _barrier()
+    barrier()
     return {"step": step, **metrics}
 
 
@@ -845,7 +842,7 @@ def _save_final(run: _Run) -> Path:
         merge_lora(model)  # so that final/ holds plain weights, which any loader reads
     if run.runtime.is_main:
         save_final_model(model, run.output_dir)
-    _barrier()
+    barrier()
     return run.output_dir / "final"
 
 
