@@ -187,8 +187,6 @@ def estimate_training_memory(size: ModelSize, *, gpus: int, sharding: str, lora:
         raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
     if gpus < 1 or seq_len < 1:
         raise ValueError(f"gpus and seq_len must be >= 1, got {gpus} and {seq_len}")
-    if gpus == 1:  # one process has nothing to shard: the kit trains it unsharded (sharding.py)
-        sharding = "ddp"
     if precision is None:  # as the kit trains: autocast under DDP, bf16 parameters under FSDP
         precision = Precision(autocast=sharding == "ddp")
     trainable = size.lora if lora else size.trainable
@@ -233,8 +231,9 @@ def plan_table(gpu_gib: float = 80, seq_len: int = 1024, gpu_counts: tuple[int, 
                            f"{size.lora / 1e6:.1f} M)", sharding.upper(), "LoRA" if lora else "full",
                            "on" if checkpointing else "off"]
                     for gpus in gpu_counts:
+                        # one process has nothing to shard: the kit trains it unsharded
                         estimate = estimate_training_memory(
-                            size, gpus=gpus, sharding=sharding, lora=lora,
+                            size, gpus=gpus, sharding=sharding if gpus > 1 else "ddp", lora=lora,
                             checkpointing=checkpointing, seq_len=seq_len)
                         chunk = estimate.largest_chunk(gpu_gib * GIB)
                         row += [f"{estimate.static / GIB:.1f}", f"{estimate.per_sequence / GIB:.2f}",

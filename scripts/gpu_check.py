@@ -202,7 +202,7 @@ def train_speed(sharding: str, device: torch.device, sizes: dict, tiny: bool) ->
     precision = "bf16" if device.type == "cuda" else "fp32"
     config = llava_onevision_0_5b_config()
     embedder = onevision_embedder(shrunk(config) if tiny else config, device, sizes["image"])
-    embedder.model.activation_checkpointing_enable()
+    embedder.gradient_checkpointing_enable()  # as training switches it on
     net = wrapped(embedder, sharding, device, precision)
     config = TrainConfig(lr=1e-5, temperature=0.02, alpha=9.0, precision=precision)
     optimizer, loss_fn = build_optimizer(embedder, config), build_loss(config, gather=True)
