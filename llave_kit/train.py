@@ -585,6 +585,7 @@ class _Run:
     output_dir: Path
     total_steps: int
     per_epoch: int
+    resume_from: tuple[Path, dict] | None  # the checkpoint to continue and its state
 
     @property
     def sharded(self) -> bool:
@@ -619,54 +620,72 @@ def _check_precision(config: TrainConfig, device: torch.device) -> None:
                                "GradScaler does not handle sharded gradients); use 'bf16'")
 
 
-def _prepare_model(config: TrainConfig, model: nn.Module, runtime: Runtime) -> nn.Module:
-    """Gradient checkpointing on, if asked; then the module each step calls (`net(groups)`),
-    under DDP or over the model sharded in place (`llave_kit.sharding`)."""
-    if config.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise TrainConfigError(
-                "gradient_checkpointing=True needs a model with gradient_checkpointing_enable() "
-                f"(an LmmEmbedder); {type(model).__name__} has none")
-        model.gradient_checkpointing_enable()
+def _check_model(config: TrainConfig, model: nn.Module) -> None:
+    """Refuse a model that cannot train as configured (checkpointing, sharding), before any change."""
+    if config.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
+        raise TrainConfigError(
+            "gradient_checkpointing=True needs a model with gradient_checkpointing_enable() "
+            f"(an LmmEmbedder); {type(model).__name__} has none")
     try:
         check_shardable(model, config.sharding)
     except (TypeError, ValueError) as error:
         raise TrainConfigError(str(error)) from None
+
+
+def _prepare_model(config: TrainConfig, model: nn.Module, runtime: Runtime) -> nn.Module:
+    """LoRA adapters and gradient checkpointing, if asked; then the module each step calls
+    (`net(groups)`), under DDP or over the model sharded in place (`llave_kit.sharding`)."""
+    if config.lora is not None:  # before the optimizer and DDP collect the trainable parameters
+        from llave_kit.lora import add_lora  # imports peft: only for LoRA runs
+
+        try:
+            add_lora(model, config.lora, seed=config.seed)
+        except (TypeError, ValueError) as error:  # not an LmmEmbedder, or no such target module
+            raise TrainConfigError(str(error)) from None
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     return wrap_model(model, config.sharding, runtime, precision=config.precision,
                       find_unused_parameters=config.find_unused_parameters)
 
 
 def _build_run(config, model, dataset, loss_fn) -> _Run:
+    """Everything a run needs. Every check (device, output_dir, resume, model) comes before the
+    model is changed, so a refused run hands the caller its model as it was."""
     runtime = setup_runtime(config)
     _check_precision(config, runtime.device)
-    model.to(runtime.device)
     per_epoch = batches_per_epoch(len(dataset), config.batch_size, runtime.world_size)
     steps = total_steps(config, per_epoch)
+    resume_from = _resume_point(config, runtime, steps)
+    _check_model(config, model)
+    model.to(runtime.device)
     net = _prepare_model(config, model, runtime)
     optimizer = build_optimizer(model, config)  # after sharding, which replaces the parameters
     return _Run(
         config, runtime, model, net,
         loss_fn if loss_fn is not None else build_loss(config, gather=runtime.world_size > 1),
         optimizer, torch.amp.GradScaler("cuda") if config.precision == "fp16" else None,
-        Path(config.output_dir), steps, per_epoch)
+        Path(config.output_dir), steps, per_epoch, resume_from)
 
 
-def _open_output_dir(run: _Run) -> tuple[Path, dict] | None:
-    """Check the output_dir against the config, then clear or keep it and write config.json.
-
-    Returns the checkpoint to resume from and its state, or None. Every check comes before any
-    write, so a refused run leaves the output_dir as it was.
-    """
-    config, out = run.config, run.output_dir
+def _resume_point(config: TrainConfig, runtime: Runtime, steps: int) -> tuple[Path, dict] | None:
+    """Check the output_dir against the config, writing nothing: the checkpoint to resume from
+    and its state, or None."""
+    out = Path(config.output_dir)
     newest = latest_checkpoint(out)
     if ((out / "metrics.jsonl").exists() or newest is not None) and not (config.resume
                                                                           or config.overwrite):
         raise TrainConfigError(f"{out} already holds a run; pass resume=True to continue it, "
                                "overwrite=True to replace it, or choose another output_dir")
-    resume_from = None
-    if config.resume and newest is not None:
-        resume_from = newest, checkpoint_state(newest)
-        _check_resumable(run, *resume_from)
+    if not (config.resume and newest is not None):
+        return None
+    state = checkpoint_state(newest)
+    _check_resumable(config, runtime, steps, newest, state)
+    return newest, state
+
+
+def _open_output_dir(run: _Run) -> None:
+    """Clear the output_dir (a fresh run) or keep it (a resumed one), and write config.json."""
+    config, out = run.config, run.output_dir
     barrier()  # every rank has looked before the main process deletes anything
     if run.runtime.is_main:
         if not config.resume:
@@ -679,20 +698,20 @@ def _open_output_dir(run: _Run) -> tuple[Path, dict] | None:
         remove_partial_saves(out)
         write_text(out / "config.json", json.dumps(config.to_dict(), indent=1))
     barrier()
-    return resume_from
 
 
-def _check_resumable(run: _Run, checkpoint: Path, state: dict) -> None:
+def _check_resumable(config: TrainConfig, runtime: Runtime, steps: int, checkpoint: Path,
+                     state: dict) -> None:
     """Refuse a checkpoint this run cannot continue: another format, process count or length, or
     a changed field outside RESUMABLE_FIELDS (each named with its old and new value)."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise TrainConfigError(f"cannot resume {checkpoint}: its format is "
                                f"{state.get('format')!r}, this kit reads {CHECKPOINT_FORMAT!r}")
-    if state["world_size"] != run.runtime.world_size:
+    if state["world_size"] != runtime.world_size:
         raise TrainConfigError(f"cannot resume {checkpoint}: it was trained by "
                                f"{state['world_size']} process(es), this run has "
-                               f"{run.runtime.world_size}")
-    current = run.config.to_dict()
+                               f"{runtime.world_size}")
+    current = config.to_dict()
     changed = [f"{key}={old!r} -> {current[key]!r}" for key, old in state["config"].items()
                if key in current and key not in RESUMABLE_FIELDS and old != current[key]]
     if changed:
@@ -700,17 +719,17 @@ def _check_resumable(run: _Run, checkpoint: Path, state: dict) -> None:
             f"cannot resume {checkpoint} with a changed config: {', '.join(changed)}. Restore "
             "those values, or start afresh (overwrite=True or another output_dir); a resumed "
             f"run may change only {', '.join(sorted(RESUMABLE_FIELDS))}")
-    if state["step"] > run.total_steps:
+    if state["step"] > steps:
         raise TrainConfigError(f"cannot resume {checkpoint}: it is at step {state['step']}, "
-                               f"beyond this config's {run.total_steps} steps")
+                               f"beyond this config's {steps} steps")
 
 
-def _restore(run: _Run, resume_from: tuple[Path, dict] | None) -> tuple[int, float]:
+def _restore(run: _Run) -> tuple[int, float]:
     """(step to continue from, elapsed seconds so far) after seeding or resuming."""
     seed_everything(run.config.seed + run.runtime.rank)  # ranks draw different dropout masks
-    if resume_from is None:
+    if run.resume_from is None:
         return 0, 0.0
-    checkpoint, state = resume_from
+    checkpoint, state = run.resume_from
     load_checkpoint(checkpoint, state, run.model, run.optimizer, run.scaler, run.runtime)
     return state["step"], state["elapsed_s"]
 
@@ -859,24 +878,10 @@ def train(config: TrainConfig, model: nn.Module, dataset, collate_fn: Callable |
     on a nan/inf loss, gradient norm or weight.
     """
     collate_fn = collate_fn or collate_train_pairs
-    if config.lora is not None:  # before the optimizer and DDP collect the trainable parameters
-        from llave_kit.lora import add_lora
-
-        try:
-            add_lora(model, config.lora, seed=config.seed)
-        except (TypeError, ValueError) as error:  # not an LmmEmbedder, or no such target module
-            raise TrainConfigError(str(error)) from None
-    try:
-        run = _build_run(config, model, dataset, loss_fn)
-        resume_from = _open_output_dir(run)
-    except TrainConfigError:
-        if config.lora is not None:  # fresh adapters add B @ A = 0: merging gives the model back
-            from llave_kit.lora import merge_lora
-
-            merge_lora(model)
-        raise
-    start_step, elapsed = _restore(run, resume_from)
-    checkpoint = resume_from[0] if resume_from is not None else None
+    run = _build_run(config, model, dataset, loss_fn)
+    _open_output_dir(run)
+    start_step, elapsed = _restore(run)
+    checkpoint = run.resume_from[0] if run.resume_from is not None else None
     kept = start_step if checkpoint is not None else -1  # records the checkpoint already covers
     metrics = JsonlLog(run.output_dir / "metrics.jsonl", run.runtime.is_main, kept)
     evals = JsonlLog(run.output_dir / "eval.jsonl", run.runtime.is_main, kept)
