@@ -28,8 +28,9 @@ MMEB eval sets (1000 candidates per query, drawn from a much smaller pool), in t
 every table of the kit goes through; memory grows with the distinct items, not with Q x C:
 
 1. `read_eval_lists`: the queries, each distinct candidate once, and an index (Q, C) into them.
-   Candidates are told apart by (text, image path) straight from the records, so nothing is
-   decoded yet (in-memory items: by text and pixels).
+   Candidates are told apart by text and image file content, straight from the records: each
+   distinct path's bytes are hashed once and nothing is decoded yet (in-memory items: by text and
+   pixels). One image saved under several names is embedded once, so its copies tie exactly.
 2. `embed_eval_lists`: embeds the queries with the embedder's `encode_queries` and the distinct
    candidates with `encode_targets`, a batch of images decoded at a time (an `EmbeddedLists`).
 3. `score_embedded_lists`: ranks and Table-1 similarities per query (a `ListScores`), a chunk of
@@ -458,8 +459,9 @@ def read_eval_lists(eval_set, image_root=None) -> EvalLists:
     eval_set: path of an MMEB eval .jsonl/.parquet (read as `data.EvalDataset(eval_set,
     image_root, check_images=False)`: image_root None means its default), an `EvalDataset`, or a
     sequence of its items (query_text, query_image, candidate_texts, candidate_images; candidate
-    0 the positive). From records, candidates are the same when text and image path are, and no
-    image is opened; in-memory items are compared by text and pixels.
+    0 the positive). From records, candidates are the same when their texts and image files'
+    bytes are (each distinct path read once, no image decoded); in-memory items are compared by
+    text and pixels.
     """
     if isinstance(eval_set, (str, os.PathLike)):
         eval_set = EvalDataset(eval_set, image_root, check_images=False)
@@ -478,23 +480,41 @@ def _number_distinct(keys_per_list: Iterable[list]) -> tuple[dict, np.ndarray]:
 def _lists_of_records(dataset: EvalDataset) -> EvalLists:
     n_candidates = len(dataset.rows[0][1]["tgt_text"])
 
-    def candidate_keys():  # (text, relative image path) of each candidate, list by list
+    digests: dict[str, bytes] = {}  # relative path -> digest of the file's bytes
+    first_path: dict[tuple[str, bytes], str] = {}  # a candidate key -> the first path seen
+
+    def image(path):
+        return dataset.image_root / path if path else None
+
+    def key(where: str, text: str | None, path: str | None) -> tuple[str, bytes]:
+        if path and path not in digests:
+            digests[path] = _file_digest(image(path), where)
+        content = digests[path] if path else b""
+        first_path.setdefault((text or "", content), path or "")
+        return text or "", content
+
+    def candidate_keys():  # (text, image content) of each candidate, list by list
         for where, record in dataset.rows:
             if len(record["tgt_text"]) != n_candidates:
                 raise ValueError(f"{where}: {len(record['tgt_text'])} candidates, the first list "
                                  f"has {n_candidates}; lists must have equal length")
-            yield [(text or "", path or "")
+            yield [key(where, text, path)
                    for text, path in zip(record["tgt_text"], record["tgt_img_path"])]
-
-    def image(path):
-        return dataset.image_root / path if path else None
 
     number_of, index = _number_distinct(candidate_keys())
     records = dataset.records
     return EvalLists([record["qry_text"] or "" for record in records],
                      [image(record["qry_img_path"]) for record in records],
-                     [text for text, _ in number_of], [image(path) for _, path in number_of],
-                     index)
+                     [text for text, _ in number_of],
+                     [image(first_path[candidate]) for candidate in number_of], index)
+
+
+def _file_digest(path: Path, where: str) -> bytes:
+    """sha256 of a file's bytes; FileNotFoundError naming the record (`where`) and the path."""
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: image not found: {path}") from None
 
 
 def _lists_of_items(items) -> EvalLists:

@@ -29,8 +29,10 @@ from llave_kit.evaluation import (
     project_2d,
     purity,
     ranking_metrics,
+    read_eval_lists,
     score_candidate_lists,
     score_embedded_lists,
+    score_eval_set,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -529,3 +531,23 @@ def test_model_fingerprint_follows_weights_and_settings_but_not_train_mode():
 
 def test_module_examples_run():
     assert doctest.testmod(evaluation).failed == 0
+
+
+def test_one_image_under_two_names_is_one_candidate_and_ties_exactly(tmp_path):
+    image(9).save(tmp_path / "blue.png")
+    (tmp_path / "copy.png").write_bytes((tmp_path / "blue.png").read_bytes())
+    image(3).save(tmp_path / "other.png")
+    path = tmp_path / "lists.jsonl"
+    write_records(path, [{"qry_text": "blue square", "qry_img_path": None,
+                          "tgt_text": ["blue square", "blue square", "red circle"],
+                          "tgt_img_path": ["blue.png", "copy.png", "other.png"]}], kind="eval")
+    lists = read_eval_lists(path, image_root=tmp_path)
+    assert lists.index.tolist() == [[0, 0, 1]]  # the copy is the positive's own row
+    assert [p.name for p in lists.candidate_images] == ["blue.png", "other.png"]
+    model = BagOfWordsEmbedder(WORDS)
+    ranks = {ties: score_eval_set(model, path, ties=ties, progress=False).ranks.tolist()
+             for ties in ("pessimistic", "positive-first")}
+    assert ranks == {"pessimistic": [2], "positive-first": [1]}  # an exact tie, either way
+    (tmp_path / "copy.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lists.jsonl:1: image not found: .*copy.png"):
+        read_eval_lists(path, image_root=tmp_path)
