@@ -211,20 +211,19 @@ def _read_file(path: Path, kind: str, image_root, on_error: str, good_images: se
 
 
 def _load_rows(path, kind: str, image_root=None, on_error: str = "raise"):
-    """[(where, record)] of the good records of a file or of shards, and the error messages of the
-    skipped ones.
+    """[(where, record)] of the good records of a file or of shards, and per file the error
+    messages of its skipped ones.
 
     With an image_root every referenced image is opened once, so a missing or unreadable image is
     reported here, with its record's line, rather than in the middle of a training run.
     """
     check_on_error(on_error)
     paths = _as_paths(path)
-    rows, errors, good_images = [], [], set()
+    rows, errors, good_images = [], {}, set()
     for file in paths:
-        file_rows, file_errors = _read_file(file, kind, image_root, on_error, good_images)
+        file_rows, errors[file] = _read_file(file, kind, image_root, on_error, good_images)
         rows += file_rows
-        errors += file_errors
-    _report(paths, rows, errors)
+    _report(paths, rows, [message for messages in errors.values() for message in messages])
     return rows, errors
 
 
@@ -456,7 +455,8 @@ class _RecordDataset(Dataset):
             image_root = default_image_root(self.paths[0])
         self.image_root = Path(image_root)
         checked_root = self.image_root if check_images else None
-        self.rows, self.skip_reasons = _load_rows(self.paths, self.kind, checked_root, on_error)
+        self.rows, errors = _load_rows(self.paths, self.kind, checked_root, on_error)
+        self.skip_reasons = [message for messages in errors.values() for message in messages]
         self.skipped = len(self.skip_reasons)
 
     @property
@@ -906,13 +906,10 @@ def _survey_records(info: DatasetInfo) -> tuple[set[str], dict[str, set[str]]]:
     for task in info.tasks:
         info.task(task).update(n_train=0, n_eval=0, skipped={})
     for task, kind, files in info.record_files():
-        spec, rows, errors = info.task(task), [], []
-        for file in files:
-            file_rows, file_errors = _read_file(file, kind, None, info.on_error, set())
-            spec["skipped"][file.relative_to(info.root).as_posix()] = len(file_errors)
-            rows += file_rows
-            errors += file_errors
-        _report(files, rows, errors)
+        spec = info.task(task)
+        rows, errors = _load_rows(files, kind, on_error=info.on_error)
+        spec["skipped"].update({file.relative_to(info.root).as_posix(): len(messages)
+                                for file, messages in errors.items()})
         spec[f"n_{kind}"] += len(rows)
         for _, record in rows:
             words.update(record_words(record))
